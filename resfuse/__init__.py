@@ -1,0 +1,13 @@
+"""resfuse: fused kernels for the building blocks of residual networks.
+
+    import resfuse
+    model = resfuse.convert(torchvision.models.resnet50())   # same weights, same numbers, fused blocks
+"""
+from . import ops, reference
+from .nn import BasicBlock, Bottleneck, ConvBNReLU, clear_fold_cache, convert, revert
+from .ops import available_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "convert", "revert", "ops", "reference",
+           "available_backends", "clear_fold_cache", "__version__"]

@@ -1,0 +1,40 @@
+"""Optional parts of resfuse: the compiled extension and the Triton kernels.
+
+Importing resfuse never fails because one of them is missing; the backend that needs it reports itself
+unavailable, with the reason recorded here.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+extension: Optional[ModuleType] = None
+extension_error: Optional[str] = None
+try:
+    from . import _C as extension  # registers the resfuse:: C++ ops with the dispatcher
+except Exception as exc:  # not built (RESFUSE_SKIP_CSRC=1), or built against another torch
+    extension_error = f"{type(exc).__name__}: {exc}"
+
+triton_kernels: Optional[ModuleType] = None
+triton_error: Optional[str] = None
+try:
+    from . import triton_kernels
+except Exception as exc:  # triton not installed
+    triton_kernels = None
+    triton_error = f"{type(exc).__name__}: {exc}"
+
+
+def extension_has_cuda() -> bool:
+    return extension is not None and bool(extension.with_cuda())
+
+
+def triton_interpreting() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors; it is read when a kernel is decorated."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_device_available() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,50 @@
+"""ConvBNReLU: a Conv2d (no bias) + BatchNorm2d (+ ReLU) unit that runs as one fused op."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .functional import conv_bn_act
+
+
+class ConvBNReLU(nn.Module):
+    """``relu(bn(conv(x)) [+ residual])``; children ``conv`` and ``bn`` keep nn's state_dict keys."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        relu: bool = True,
+        *,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = relu
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.Module, relu: bool = True, *,
+                     backend: Optional[str] = None) -> "ConvBNReLU":
+        """Wrap existing modules (their parameters are shared, not copied)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.conv = conv
+        module.bn = bn
+        module.relu = relu
+        module.backend = backend
+        return module
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return conv_bn_act(x, self.conv, self.bn, residual=residual, relu=self.relu, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend!r}"

@@ -1,0 +1,55 @@
+"""Eval-mode BN folded into the preceding conv: W' = W * gamma/sqrt(var+eps), b' = beta + (b - mean) * ....
+
+The folded tensors are cached per BN module and keyed on every tensor they were made from: its version
+counter (any in-place change: optimizer steps, load_state_dict, fill_), storage and dtype/device (``.to()``).
+A stale fold is therefore never returned. No cache is used while autograd must see the fold (a parameter
+requires grad), nor under torch.compile, where the fold is traced (and constant-folded by freezing).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..reference import fold_bn_ref
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _tensor_key(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    return fold_bn_ref(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """(W', b') such that conv(x, W') + b' == bn(conv(x)) with bn's running statistics."""
+    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if torch.compiler.is_compiling():
+        return _fold(conv, bn)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        return _fold(conv, bn)
+    try:
+        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(),
+               tuple(_tensor_key(t) for t in sources))
+    except RuntimeError:  # inference tensors have no version counter: fold every time
+        return _fold(conv, bn)
+    hit = _cache.get(bn)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        weight, bias = _fold(conv, bn)
+    _cache[bn] = (key, weight, bias)
+    return weight, bias
+
+
+def clear_fold_cache() -> None:
+    """Drop every cached fold (only needed after editing parameters through ``.data``, which bypasses the
+    version counter)."""
+    _cache.clear()

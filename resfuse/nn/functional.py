@@ -1,0 +1,121 @@
+"""conv -> BatchNorm -> (+ residual) -> (ReLU) on real modules, with nn.BatchNorm2d's exact semantics.
+
+Training mode (or a BN without running statistics) runs ATen's conv then the fused ``bn_act`` op with batch
+statistics and the running-stat update; eval mode runs ``conv_bn_act`` with the BN folded into the conv.
+A configuration with no fused kernel runs the modules themselves (the reference path) after one warning.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops._checks import FLOAT_DTYPES
+from .fold import folded_weight_bias
+
+_warned: set = set()
+
+
+def warn_reference_once(reason: str) -> None:
+    """One warning per configuration that runs the reference path instead of a fused kernel."""
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(f"resfuse: no fused kernel for {reason}; running the reference PyTorch path", stacklevel=3)
+
+
+def _is_frozen_bn(bn: nn.Module) -> bool:
+    # torchvision.ops.FrozenBatchNorm2d (detection backbones): running stats and affine as buffers, no training.
+    return type(bn).__name__ == "FrozenBatchNorm2d" and hasattr(bn, "running_var")
+
+
+def unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Why (conv, bn) has no fused path, or None."""
+    if type(conv) is not nn.Conv2d:
+        return f"conv layer {type(conv).__name__}"
+    if conv.padding_mode != "zeros":
+        return f"Conv2d padding_mode={conv.padding_mode!r}"
+    if isinstance(conv.padding, str):
+        return f"Conv2d padding={conv.padding!r}"
+    if type(bn) is nn.BatchNorm2d or _is_frozen_bn(bn):
+        return None
+    if isinstance(bn, nn.SyncBatchNorm) and not bn.training:
+        return None
+    return f"norm layer {type(bn).__name__}{' (training)' if bn.training else ''}"
+
+
+def check_block_input(x: Tensor, conv: nn.Conv2d) -> None:
+    """Clear errors for inputs torch would reject deep inside a conv, or accept and get wrong."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"expected a floating-point input (float16, bfloat16, float32, float64), got {x.dtype}")
+    if x.shape[1] != conv.in_channels:
+        raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    weight = conv.weight
+    if x.device != weight.device:
+        raise RuntimeError(f"input is on {x.device} but the block's weights are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError(f"input dtype {x.dtype} does not match the block's weight dtype {weight.dtype}")
+
+
+def _train_momentum(bn: nn.BatchNorm2d) -> float:
+    """The exponential-average factor exactly as nn.BatchNorm2d.forward computes it (and its counter bump)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    if _is_frozen_bn(bn):
+        return False
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def reference_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor],
+                          relu: bool) -> Tensor:
+    out = bn(conv(x))
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+def conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``act(bn(conv(x)) + residual)`` with fused kernels; ``backend`` as in ``resfuse.ops``."""
+    check_block_input(x, conv)
+    reason = unsupported_reason(conv, bn)
+    if reason is None and torch.is_autocast_enabled(x.device.type):
+        reason = "autocast regions (cast the model instead)"
+    impl = ops.resolve_backend(backend, x.device)
+    if impl == "reference" or reason is not None:
+        if reason is not None:
+            warn_reference_once(reason)
+        return reference_conv_bn_act(x, conv, bn, residual, relu)
+    if uses_batch_stats(bn):
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        momentum = _train_momentum(bn)
+        keep_running = not bn.training or bn.track_running_stats
+        return ops.bn_act(
+            y, bn.weight, bn.bias, residual,
+            bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
+            momentum, bn.eps, relu, backend=impl,
+        )
+    weight, bias = folded_weight_bias(conv, bn)
+    return ops.conv_bn_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
+                           relu, backend=impl)

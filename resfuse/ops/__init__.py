@@ -1,0 +1,6 @@
+"""The fused ops' functional API; each call picks its backend (see ``backend.py``)."""
+from .backend import BACKENDS, available_backends, resolve_backend
+from .bn_act import bn_act
+from .conv_bn_act import conv_bn_act
+
+__all__ = ["BACKENDS", "available_backends", "resolve_backend", "bn_act", "conv_bn_act"]

@@ -1,0 +1,43 @@
+"""Input checks shared by the ops: a clear error that names what was expected and what came."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_activation(x: Tensor, what: str = "input") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_like(x: Tensor, other: Optional[Tensor], what: str) -> None:
+    """``other`` (a residual) must match ``x`` in shape, dtype and device."""
+    if other is None:
+        return
+    if other.device != x.device:
+        raise RuntimeError(f"{what} is on {other.device} but the input is on {x.device}")
+    if tuple(other.shape) != tuple(x.shape):
+        raise ValueError(f"{what} must have the output's shape {tuple(x.shape)}, got {tuple(other.shape)}")
+    if other.dtype != x.dtype:
+        raise RuntimeError(f"{what} has dtype {other.dtype} but the input has dtype {x.dtype}")
+
+
+def check_channel_vector(x: Tensor, v: Optional[Tensor], what: str, allow_fp32: bool = True) -> None:
+    """Per-channel parameters: shape [C], same device, the input's dtype (or fp32 for BN's mixed precision)."""
+    if v is None:
+        return
+    channels = x.shape[1]
+    if v.device != x.device:
+        raise RuntimeError(f"{what} is on {v.device} but the input is on {x.device}")
+    if v.dim() != 1 or v.shape[0] != channels:
+        raise ValueError(f"{what} must have shape [{channels}] (one value per channel), got {tuple(v.shape)}")
+    if v.dtype != x.dtype and not (allow_fp32 and v.dtype == torch.float32):
+        raise RuntimeError(f"{what} has dtype {v.dtype} but the input has dtype {x.dtype}")

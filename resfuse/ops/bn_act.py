@@ -1,0 +1,80 @@
+"""``bn_act``: training-mode BatchNorm (batch statistics, running-stat update) + residual + ReLU, fused.
+
+    out = act((x - mean) * invstd * weight + bias [+ residual])
+
+Two registered flavours share one schema: ``resfuse::bn_act`` (C++: csrc/cpu, csrc/cuda) and
+``resfuse::bn_act_triton`` (triton_kernels/bn_act.py). Their backward ops are ``resfuse::_bn_act_backward``
+and ``resfuse::_bn_act_backward_triton``. ``bn_act()`` below picks one by backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _loader
+from ..reference import bn_act_ref
+from . import _autograd
+from ._checks import check_activation, check_channel_vector, check_like
+from .backend import resolve_backend
+
+_SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+           "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor input, Tensor? weight, Tensor out, Tensor save_mean, "
+                    "Tensor save_invstd, bool relu, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _triton():
+    if _loader.triton_kernels is None:
+        raise RuntimeError(f"resfuse's Triton kernels are unavailable: {_loader.triton_error}")
+    return _loader.triton_kernels
+
+
+def bn_act_triton(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
+    return _triton().bn_act_fwd(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu)
+
+
+def _bn_act_backward_triton(grad_out, input, weight, out, save_mean, save_invstd, relu, output_mask):
+    return _triton().bn_act_bwd(grad_out, input, weight, out, save_mean, save_invstd, relu, list(output_mask))
+
+
+_autograd.define_triton_op("bn_act_triton", _SCHEMA, bn_act_triton)
+_autograd.define_triton_op("_bn_act_backward_triton", _BACKWARD_SCHEMA, _bn_act_backward_triton)
+_autograd.register_bn_act("bn_act_triton", "_bn_act_backward_triton")
+if _loader.extension is not None:
+    _autograd.register_bn_act("bn_act", "_bn_act_backward")
+
+
+def bn_act(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """BatchNorm over (N, H, W) with batch statistics, then ``+ residual`` and ReLU, in one fused op.
+
+    ``running_mean``/``running_var``, when given, are updated in place like nn.BatchNorm2d in training mode
+    (``momentum`` is the exponential-average factor; pass ``1 / num_batches_tracked`` for momentum=None).
+    """
+    check_activation(x)
+    check_like(x, residual, "residual")
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_channel_vector(x, v, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    n = x.numel() // max(x.shape[1], 1)
+    if n <= 1 and x.numel() > 0:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    impl = resolve_backend(backend, x.device)
+    if impl == "reference":
+        return bn_act_ref(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)[0]
+    op = torch.ops.resfuse.bn_act if impl == "cuda" else torch.ops.resfuse.bn_act_triton
+    return op(x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps), bool(relu))[0]

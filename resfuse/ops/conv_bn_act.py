@@ -1,0 +1,106 @@
+"""``conv_bn_act``: eval-mode conv with BatchNorm folded into its weight and bias, + residual + ReLU.
+
+    out = act(conv2d(x, W') + b' [+ residual])
+
+Flavours: ``resfuse::conv_bn_act`` (C++) and ``resfuse::conv_bn_act_triton``; backward ops
+``resfuse::_conv_bn_act_backward`` and ``resfuse::_conv_bn_act_backward_triton``. The convolution itself is
+still ATen's (cuDNN / oneDNN); the kernels here fuse the epilogue (bias, residual, ReLU) into one pass over
+the conv output, and the backward's ReLU mask with the bias gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _loader
+from ..reference import conv_bn_act_ref, memory_format_of
+from . import _autograd
+from ._checks import check_activation, check_channel_vector, check_like
+from .backend import resolve_backend
+
+_SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, SymInt[2] padding, "
+           "SymInt[2] dilation, SymInt groups, bool relu) -> Tensor")
+_BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor input, Tensor weight, Tensor out, SymInt[2] stride, "
+                    "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu, bool[] output_mask) "
+                    "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _triton():
+    if _loader.triton_kernels is None:
+        raise RuntimeError(f"resfuse's Triton kernels are unavailable: {_loader.triton_error}")
+    return _loader.triton_kernels
+
+
+def conv_bn_act_triton(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+    conv = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
+    conv = conv.contiguous(memory_format=memory_format_of(input))
+    return _triton().conv_epilogue_fwd(conv, bias, residual, relu)
+
+
+def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, dilation, groups, relu,
+                                 output_mask):
+    g, grad_bias = _triton().conv_epilogue_bwd(grad_out, out, relu, bool(output_mask[2]), weight.dtype)
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [bool(output_mask[0]), bool(output_mask[1]), False])
+    grad_input = (grad_input.contiguous(memory_format=memory_format_of(input)) if output_mask[0]
+                  else input.new_empty((0,)))
+    grad_weight = (grad_weight.contiguous(memory_format=memory_format_of(weight)) if output_mask[1]
+                   else weight.new_empty((0,)))
+    grad_residual = input.new_empty((0,))
+    if output_mask[3]:
+        # g is grad_out itself when there is no ReLU mask; an op's output must not alias its input.
+        grad_residual = g.clone() if g.data_ptr() == grad_out.data_ptr() else g
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+_autograd.define_triton_op("conv_bn_act_triton", _SCHEMA, conv_bn_act_triton)
+_autograd.define_triton_op("_conv_bn_act_backward_triton", _BACKWARD_SCHEMA, _conv_bn_act_backward_triton)
+_autograd.register_conv_bn_act("conv_bn_act_triton", "_conv_bn_act_backward_triton")
+if _loader.extension is not None:
+    _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward")
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    return [int(i) for i in v]
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``act(conv2d(x, weight) + bias + residual)``; weight and bias are the BN-folded ones."""
+    check_activation(x)
+    if weight.device != x.device:
+        raise RuntimeError(f"weight is on {weight.device} but the input is on {x.device}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"weight has dtype {weight.dtype} but the input has dtype {x.dtype}: "
+                           "convert the model or the input so they match")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"expected input with {weight.shape[1] * groups} channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    out_shape = _autograd.conv_output_shape(x, weight, stride, padding, dilation)
+    if bias is not None:
+        check_channel_vector(x.new_empty((1, weight.shape[0], 1, 1)), bias, "bias", allow_fp32=False)
+    if residual is not None:
+        check_like(x.new_empty(out_shape), residual, "residual")
+    impl = resolve_backend(backend, x.device)
+    if impl == "reference":
+        return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    op = torch.ops.resfuse.conv_bn_act if impl == "cuda" else torch.ops.resfuse.conv_bn_act_triton
+    return op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu))
