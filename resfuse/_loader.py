@@ -5,6 +5,7 @@ unavailable, with the reason recorded here.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
 from typing import Optional
@@ -13,10 +14,13 @@ import torch
 
 extension: Optional[ModuleType] = None
 extension_error: Optional[str] = None
-try:
-    from . import _C as extension  # registers the resfuse:: C++ ops with the dispatcher
-except Exception as exc:  # not built (RESFUSE_SKIP_CSRC=1), or built against another torch
-    extension_error = f"{type(exc).__name__}: {exc}"
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    extension_error = "not built (installed with RESFUSE_SKIP_CSRC=1, or not installed with pip)"
+else:
+    try:
+        from . import _C as extension  # registers the resfuse:: C++ ops with the dispatcher
+    except Exception as exc:  # built against another torch, or a missing runtime library
+        extension_error = f"{type(exc).__name__}: {exc}"
 
 triton_kernels: Optional[ModuleType] = None
 triton_error: Optional[str] = None

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
     skip_triton = pytest.mark.skip(reason="triton is not installed")
     for item in items:
-        if "cuda" in item.keywords and not HAS_CUDA:
+        if item.get_closest_marker("cuda") is not None and not HAS_CUDA:
             item.add_marker(skip_cuda)
-        if "triton" in item.keywords and not HAS_TRITON:
+        if item.get_closest_marker("triton") is not None and not HAS_TRITON:
             item.add_marker(skip_triton)

@@ -35,8 +35,9 @@ def _triton():
 
 def conv_bn_act_triton(input, weight, bias, residual, stride, padding, dilation, groups, relu):
     conv = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
+    # the epilogue writes into the conv output, laid out like the input (ATen may pick the weight's layout)
     conv = conv.contiguous(memory_format=memory_format_of(input))
-    return _triton().conv_epilogue_fwd(conv, bias, residual, relu)
+    return _triton().conv_epilogue_fwd(conv, bias, residual, relu, inplace=True)
 
 
 def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, dilation, groups, relu,
@@ -49,10 +50,7 @@ def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, 
                   else input.new_empty((0,)))
     grad_weight = (grad_weight.contiguous(memory_format=memory_format_of(weight)) if output_mask[1]
                    else weight.new_empty((0,)))
-    grad_residual = input.new_empty((0,))
-    if output_mask[3]:
-        # g is grad_out itself when there is no ReLU mask; an op's output must not alias its input.
-        grad_residual = g.clone() if g.data_ptr() == grad_out.data_ptr() else g
+    grad_residual = g if output_mask[3] else input.new_empty((0,))
     return grad_input, grad_weight, grad_bias, grad_residual
 
 

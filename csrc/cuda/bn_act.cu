@@ -1,0 +1,234 @@
+// CUDA kernels of resfuse::bn_act and resfuse::_bn_act_backward (contract: the op schemas in csrc/resfuse.cpp).
+//
+// Forward (training-mode BatchNorm with batch statistics, fused with residual add and ReLU):
+//   mean[c], var[c] (biased) over the n = N*H*W elements of channel c;  invstd = 1/sqrt(var + eps)
+//   scale = w*invstd, shift = b - mean*scale;  out = act(x*scale + shift + residual)
+//   (evaluated as (x - mean)*scale + b: equal, and free of cancellation when |mean| >> std)
+//   running_mean/var (optional) updated in place; running_var uses the unbiased var*n/(n-1).
+//   Kernels: per-block Welford partials -> per-channel Chan merge that also writes save_mean/save_invstd,
+//   scale and the running stats -> one elementwise pass writing `out`. No host synchronisation.
+// Backward:
+//   g = relu ? grad_out*(out > 0) : grad_out;  xhat = (x - mean)*invstd
+//   sum_g[c] = sum g, sum_gx[c] = sum g*xhat (two-level reduction, one read of the inputs)
+//   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g;  grad_residual = g
+//
+// Layouts: NCHW and NHWC both run on the [outer, C, inner] view (csrc/common.h, csrc/cuda/channel_view.cuh).
+// Accumulation in fp32 (fp64 for float64 inputs); per-channel parameters are handled in that dtype.
+#include "channel_view.cuh"
+
+#include <torch/library.h>
+
+namespace resfuse {
+// Reported by resfuse._C.cuda_version().
+int compiled_cuda_runtime_version() { return CUDART_VERSION; }
+}  // namespace resfuse
+
+namespace resfuse::cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct PushInput {
+  const scalar_t* x;
+  __device__ __forceinline__ void operator()(Welford<acc_t>& acc, int64_t idx, int64_t) const {
+    acc.push(static_cast<acc_t>(x[idx]));
+  }
+};
+
+// Per channel: saved statistics, the scale of the apply pass and the running-stat update.
+template <typename acc_t>
+struct StatsFinalize {
+  const acc_t* weight;   // nullable: w = 1
+  acc_t* running_mean;   // nullable
+  acc_t* running_var;    // nullable
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  acc_t* scale;
+  acc_t n;
+  acc_t eps;
+  acc_t momentum;
+
+  __device__ void operator()(int64_t c, const Welford<acc_t>& s) const {
+    const acc_t mean = s.mean;
+    const acc_t var = s.m2 > acc_t(0) ? s.m2 / n : acc_t(0);
+    const acc_t invstd = acc_t(1) / sqrt(var + eps);
+    save_mean[c] = mean;
+    save_invstd[c] = invstd;
+    scale[c] = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
+    if (running_mean != nullptr) {
+      running_mean[c] = (acc_t(1) - momentum) * running_mean[c] + momentum * mean;
+    }
+    if (running_var != nullptr) {
+      running_var[c] = (acc_t(1) - momentum) * running_var[c] + momentum * var * n / (n - acc_t(1));
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardSums {
+  const scalar_t* grad_out;
+  const scalar_t* out;  // nullable: no ReLU
+  const scalar_t* x;
+  const acc_t* mean;
+  const acc_t* invstd;
+
+  __device__ __forceinline__ void operator()(Sum2<acc_t>& acc, int64_t idx, int64_t c) const {
+    const acc_t g = masked_grad<scalar_t, acc_t>(grad_out, out, idx);
+    acc.a += g;
+    acc.b += g * (static_cast<acc_t>(x[idx]) - mean[c]) * invstd[c];
+  }
+};
+
+// Per channel: grad_weight/grad_bias and the coefficients [mean | a | k1 | m2] of
+// grad_input = (g - k1 - (x - mean)*m2) * a,  a = invstd*w, k1 = sum_g/n, m2 = invstd*sum_gx/n.
+template <typename acc_t>
+struct BackwardFinalize {
+  const acc_t* weight;  // nullable: w = 1
+  const acc_t* mean;
+  const acc_t* invstd;
+  acc_t* grad_weight;   // nullable
+  acc_t* grad_bias;     // nullable
+  acc_t* coef;          // nullable: grad_input not requested
+  int64_t channels;
+  acc_t n;
+
+  __device__ void operator()(int64_t c, const Sum2<acc_t>& s) const {
+    if (grad_weight != nullptr) grad_weight[c] = s.b;
+    if (grad_bias != nullptr) grad_bias[c] = s.a;
+    if (coef != nullptr) {
+      coef[c] = mean[c];
+      coef[channels + c] = invstd[c] * (weight != nullptr ? weight[c] : acc_t(1));
+      coef[2 * channels + c] = s.a / n;
+      coef[3 * channels + c] = invstd[c] * s.b / n;
+    }
+  }
+};
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, double momentum, double eps, bool relu) {
+  check_bn_act_args(input, weight, bias, residual, running_mean, running_var);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const ChannelView v = channel_view(x, format);
+  const int64_t C = v.channels;
+  const at::ScalarType acc_dtype = accumulate_dtype(input);
+  const auto acc_opts = input.options().dtype(acc_dtype);
+
+  at::Tensor out = empty_activation(input.sizes(), input, format);
+  if (x.numel() == 0) {
+    return {out, at::zeros({C}, acc_opts), at::zeros({C}, acc_opts)};
+  }
+  const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
+  const at::Tensor w = present(weight) ? as_channel_vector(*weight, acc_dtype) : at::Tensor();
+  const at::Tensor b = present(bias) ? as_channel_vector(*bias, acc_dtype) : at::Tensor();
+  // The finaliser updates running stats in the accumulation dtype; stats of another dtype (or strided) go through
+  // a temporary that is copied back on the stream afterwards.
+  at::Tensor rm = present(running_mean) ? as_channel_vector(*running_mean, acc_dtype) : at::Tensor();
+  at::Tensor rv = present(running_var) ? as_channel_vector(*running_var, acc_dtype) : at::Tensor();
+
+  at::Tensor save_mean = at::empty({C}, acc_opts);
+  at::Tensor save_invstd = at::empty({C}, acc_opts);
+  at::Tensor scale = at::empty({C}, acc_opts);
+
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const double n = static_cast<double>(v.per_channel());
+    const StatsFinalize<acc_t> fin{ptr_or_null<acc_t>(w),
+                                   ptr_or_null<acc_t>(rm),
+                                   ptr_or_null<acc_t>(rv),
+                                   save_mean.data_ptr<acc_t>(),
+                                   save_invstd.data_ptr<acc_t>(),
+                                   scale.data_ptr<acc_t>(),
+                                   static_cast<acc_t>(n),
+                                   static_cast<acc_t>(eps),
+                                   static_cast<acc_t>(momentum)};
+    reduce_per_channel<Welford<acc_t>>(v, x, PushInput<scalar_t, acc_t>{x.data_ptr<scalar_t>()}, fin);
+    launch_affine_act<scalar_t, acc_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                       save_mean.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), ptr_or_null<acc_t>(b),
+                                       ptr_or_null<scalar_t>(res), relu);
+  });
+
+  if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
+  if (rv.defined() && !rv.is_same(*running_var)) running_var->copy_(rv);
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& out, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool relu,
+    std::array<bool, 4> output_mask) {
+  check_bn_act_backward_args(grad_out, input, weight, out, save_mean, save_invstd);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor go = grad_out.contiguous(format);
+  const at::Tensor o = relu ? out.contiguous(format) : at::Tensor();
+  const ChannelView v = channel_view(x, format);
+  const int64_t C = v.channels;
+  const at::ScalarType pdtype = param_dtype(weight);
+  const at::ScalarType acc_dtype = accumulate_dtype(input);
+  const auto acc_opts = input.options().dtype(acc_dtype);
+
+  at::Tensor grad_input = output_mask[0] ? empty_activation(input.sizes(), input, format)
+                                         : not_requested(input, input.scalar_type());
+  at::Tensor grad_residual = output_mask[3] ? empty_activation(input.sizes(), input, format)
+                                            : not_requested(input, input.scalar_type());
+  at::Tensor grad_weight = not_requested(input, pdtype);
+  at::Tensor grad_bias = not_requested(input, pdtype);
+  if (x.numel() == 0) {
+    if (output_mask[1]) grad_weight = at::zeros({C}, input.options().dtype(pdtype));
+    if (output_mask[2]) grad_bias = at::zeros({C}, input.options().dtype(pdtype));
+    return {grad_input, grad_weight, grad_bias, grad_residual};
+  }
+
+  const bool need_sums = output_mask[0] || output_mask[1] || output_mask[2];
+  const at::Tensor mean = as_channel_vector(save_mean, acc_dtype);
+  const at::Tensor invstd = as_channel_vector(save_invstd, acc_dtype);
+  const at::Tensor w = present(weight) ? as_channel_vector(*weight, acc_dtype) : at::Tensor();
+  const at::Tensor gw = output_mask[1] ? at::empty({C}, acc_opts) : at::Tensor();
+  const at::Tensor gb = output_mask[2] ? at::empty({C}, acc_opts) : at::Tensor();
+  const at::Tensor coef = output_mask[0] ? at::empty({4 * C}, acc_opts) : at::Tensor();
+
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = go.data_ptr<scalar_t>();
+    const scalar_t* op = ptr_or_null<scalar_t>(o);
+    if (need_sums) {
+      const BackwardSums<scalar_t, acc_t> sums{gp, op, xp, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>()};
+      const BackwardFinalize<acc_t> fin{ptr_or_null<acc_t>(w),
+                                        mean.data_ptr<acc_t>(),
+                                        invstd.data_ptr<acc_t>(),
+                                        ptr_or_null<acc_t>(gw),
+                                        ptr_or_null<acc_t>(gb),
+                                        ptr_or_null<acc_t>(coef),
+                                        C,
+                                        static_cast<acc_t>(static_cast<double>(v.per_channel()))};
+      reduce_per_channel<Sum2<acc_t>>(v, x, sums, fin);
+    }
+    if (output_mask[0] || output_mask[3]) {
+      launch_backward_elementwise<scalar_t, acc_t>(v, gp, op, xp, ptr_or_null<acc_t>(coef),
+                                                   output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                                   output_mask[3] ? grad_residual.data_ptr<scalar_t>() : nullptr);
+    }
+  });
+
+  if (output_mask[1]) grad_weight = gw.to(pdtype);
+  if (output_mask[2]) grad_bias = gb.to(pdtype);
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace
+}  // namespace resfuse::cuda
+
+TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
+  m.impl("bn_act", &resfuse::cuda::bn_act_cuda);
+  m.impl("_bn_act_backward", &resfuse::cuda::bn_act_backward_cuda);
+}

@@ -1,0 +1,65 @@
+// The resfuse operator library: the four op schemas (the contract shared by the CPU, CUDA and Triton
+// implementations) and the `resfuse._C` Python module, which only reports how the extension was built.
+// Kernels register themselves per device with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef RESFUSE_CUDA_ARCH_LIST
+#define RESFUSE_CUDA_ARCH_LIST ""
+#endif
+
+#ifdef RESFUSE_WITH_CUDA
+namespace resfuse {
+int compiled_cuda_runtime_version();  // csrc/cuda/bn_act.cu: CUDART_VERSION as nvcc saw it
+}
+#endif
+
+TORCH_LIBRARY(resfuse, m) {
+  // Training-mode BatchNorm (batch statistics) + optional residual + optional ReLU.
+  m.def(
+      "bn_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_bn_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor out, Tensor save_mean, "
+      "Tensor save_invstd, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Eval-mode convolution with BatchNorm folded into weight/bias + optional residual + optional ReLU.
+  m.def(
+      "conv_bn_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, "
+      "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu) -> Tensor");
+  m.def(
+      "_conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor out, SymInt[2] stride, "
+      "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+bool with_cuda() {
+#ifdef RESFUSE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+pybind11::object cuda_version() {
+#ifdef RESFUSE_WITH_CUDA
+  const int v = resfuse::compiled_cuda_runtime_version();  // e.g. 13000 -> "13.0"
+  return pybind11::str(std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10));
+#else
+  return pybind11::none();
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resfuse C++/CUDA extension. The ops live in torch.ops.resfuse; this module only reports build info.";
+  m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled into the extension.");
+  m.def("cuda_version", &cuda_version, "CUDA version the kernels were compiled with (e.g. '13.0'), or None.");
+  m.def(
+      "cuda_arch_list", [] { return std::string(RESFUSE_CUDA_ARCH_LIST); },
+      "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for ('' without CUDA).");
+}
