@@ -12,6 +12,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 // The four activation dtypes of the contract.
 #define RESFUSE_DISPATCH_FLOATING(TYPE, NAME, ...) \
@@ -177,6 +179,57 @@ inline void check_conv_bn_act_backward_args(const at::Tensor& grad_out, const at
   check_like(grad_out, out, op, "grad_out", "out");
   TORCH_CHECK(out.size(1) == weight.size(0), op, ": out must have weight.size(0) = ", weight.size(0),
               " channels, but got ", out.size(1));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Outputs of the backward ops, shared by the CPU and CUDA kernels.
+
+// _bn_act_backward's (grad_input, grad_weight, grad_bias, grad_residual): activations allocated in `format`
+// where output_mask asks for them, empty tensors where it does not. grad_weight/grad_bias start as zeros so an
+// empty input (where no kernel runs) returns zeros; otherwise the caller replaces them.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_outputs(
+    const at::Tensor& input, at::ScalarType pdtype, at::MemoryFormat format, std::array<bool, 4> output_mask) {
+  auto activation = [&](bool wanted) {
+    return wanted ? empty_activation(input.sizes(), input, format) : not_requested(input, input.scalar_type());
+  };
+  auto param = [&](bool wanted) {
+    return wanted ? at::zeros({input.size(1)}, input.options().dtype(pdtype)) : not_requested(input, pdtype);
+  };
+  return {activation(output_mask[0]), param(output_mask[1]), param(output_mask[2]), activation(output_mask[3])};
+}
+
+// grad_input and grad_weight of a convolution, given the gradient g of its output, through ATen. The backend
+// picks the layouts of its results; they are pinned to the input's and the weight's so they do not depend on it.
+inline std::pair<at::Tensor, at::Tensor> conv_input_weight_grads(
+    const at::Tensor& g, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool need_input, bool need_weight,
+    at::MemoryFormat format) {
+  const auto weight_format = weight.suggest_memory_format();
+  at::Tensor grad_input = not_requested(input, input.scalar_type());
+  at::Tensor grad_weight = not_requested(input, weight.scalar_type());
+  if (g.numel() == 0) {  // nothing flows back
+    if (need_input) grad_input = at::zeros(input.sizes(), input.options().memory_format(format));
+    if (need_weight) grad_weight = at::zeros(weight.sizes(), weight.options().memory_format(weight_format));
+    return {grad_input, grad_weight};
+  }
+  if (need_input || need_weight) {
+    auto grads = at::convolution_backward(g, input, weight, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          {need_input, need_weight, false});
+    if (need_input) grad_input = std::get<0>(grads).contiguous(format);
+    if (need_weight) grad_weight = std::get<1>(grads).contiguous(weight_format);
+  }
+  return {grad_input, grad_weight};
+}
+
+// grad_residual of conv_bn_act is g. Without ReLU g is grad_out itself (or a view of it): an op output must not
+// alias an input, so it is copied then.
+inline at::Tensor conv_residual_grad(const at::Tensor& g, const at::Tensor& grad_out, bool wanted,
+                                     at::MemoryFormat format) {
+  if (!wanted) {
+    return not_requested(grad_out, grad_out.scalar_type());
+  }
+  return g.is_alias_of(grad_out) ? g.clone(format) : g;
 }
 
 }  // namespace resfuse

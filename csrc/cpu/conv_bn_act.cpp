@@ -54,7 +54,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_backward_
   const auto format = input.suggest_memory_format();
   const at::Tensor go = grad_out.contiguous(format);
   const ChannelView v = channel_view(go, format);
-  const at::ScalarType dtype = input.scalar_type();
 
   at::Tensor g = go;
   std::vector<double> sum_g;
@@ -86,22 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_backward_
     });
   }
 
-  at::Tensor grad_input = not_requested(input, dtype);
-  at::Tensor grad_weight = not_requested(input, weight.scalar_type());
-  if ((output_mask[0] || output_mask[1]) && g.numel() > 0) {
-    auto grads = at::convolution_backward(g, input, weight, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
-                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-                                          {output_mask[0], output_mask[1], false});
-    // The backend picks the layouts of its results; pin them to the inputs' so they do not depend on it.
-    if (output_mask[0]) grad_input = std::get<0>(grads).contiguous(format);
-    if (output_mask[1]) grad_weight = std::get<1>(grads).contiguous(weight.suggest_memory_format());
-  } else if (output_mask[0] || output_mask[1]) {
-    // Empty output: nothing flows back, the gradients are zeros.
-    if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options().memory_format(format));
-    if (output_mask[1]) {
-      grad_weight = at::zeros(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
-    }
-  }
+  const auto [grad_input, grad_weight] = conv_input_weight_grads(g, input, weight, stride, padding, dilation, groups,
+                                                                 output_mask[0], output_mask[1], format);
 
   at::Tensor grad_bias = not_requested(input, weight.scalar_type());
   if (output_mask[2]) {
@@ -109,11 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_backward_
                               : at::zeros({v.channels}, weight.options().dtype(weight.scalar_type()));
   }
 
-  at::Tensor grad_residual = not_requested(input, dtype);
-  if (output_mask[3]) {
-    // Without ReLU g is grad_out itself (or a view of it): an op output must not alias an input, so copy.
-    grad_residual = g.is_alias_of(grad_out) ? g.clone(format) : g;
-  }
+  at::Tensor grad_residual = conv_residual_grad(g, grad_out, output_mask[3], format);
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 

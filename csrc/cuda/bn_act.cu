@@ -176,15 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   const at::ScalarType acc_dtype = accumulate_dtype(input);
   const auto acc_opts = input.options().dtype(acc_dtype);
 
-  at::Tensor grad_input = output_mask[0] ? empty_activation(input.sizes(), input, format)
-                                         : not_requested(input, input.scalar_type());
-  at::Tensor grad_residual = output_mask[3] ? empty_activation(input.sizes(), input, format)
-                                            : not_requested(input, input.scalar_type());
-  at::Tensor grad_weight = not_requested(input, pdtype);
-  at::Tensor grad_bias = not_requested(input, pdtype);
+  at::Tensor grad_input, grad_weight, grad_bias, grad_residual;  // assigned inside the dispatch lambda below
+  std::tie(grad_input, grad_weight, grad_bias, grad_residual) = bn_backward_outputs(input, pdtype, format, output_mask);
   if (x.numel() == 0) {
-    if (output_mask[1]) grad_weight = at::zeros({C}, input.options().dtype(pdtype));
-    if (output_mask[2]) grad_bias = at::zeros({C}, input.options().dtype(pdtype));
     return {grad_input, grad_weight, grad_bias, grad_residual};
   }
 
