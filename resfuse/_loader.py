@@ -14,7 +14,15 @@ import torch
 
 extension: Optional[ModuleType] = None
 extension_error: Optional[str] = None
-if importlib.util.find_spec(f"{__package__}._C") is None:
+
+def _extension_built() -> bool:
+    try:
+        return importlib.util.find_spec(f"{__package__}._C") is not None
+    except (ImportError, ValueError):  # blocked in sys.modules
+        return False
+
+
+if not _extension_built():
     extension_error = "not built (installed with RESFUSE_SKIP_CSRC=1, or not installed with pip)"
 else:
     try:

@@ -203,11 +203,13 @@ def main(argv: Optional[list[str]] = None) -> int:
           flush=True)
     records = []
     total = len(stages) * len(modes)
+    progress_end = "\r" if sys.stderr.isatty() else "\n"
     for i, (train, (channels, size)) in enumerate(((t, s) for t in modes for s in stages), 1):
-        print(f"[{i}/{total}] {'train' if train else 'eval'} C{channels}@{size}x{size} ...", end="\r",
-              flush=True)
+        print(f"[{i}/{total}] {'train' if train else 'eval'} C{channels}@{size}x{size} ...", end=progress_end,
+              file=sys.stderr, flush=True)
         records += bench_stage(channels, size, args, device, dtype, train, backends)
-    print(" " * 60, end="\r")
+    if progress_end == "\r":
+        print(" " * 60, end="\r", file=sys.stderr)
     table = markdown_table(records)
     print(table)
     if args.out:

@@ -1,4 +1,8 @@
 """Backend choice: argument, RESFUSE_BACKEND, auto; unavailable backends are errors, not silent fallbacks."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -49,3 +53,24 @@ def test_available_backends_lists_reference():
 @pytest.mark.cuda
 def test_auto_on_gpu_picks_a_fused_backend():
     assert backend_mod.resolve_backend("auto", torch.device("cuda")) in ("cuda", "triton")
+
+
+def test_import_without_extension_or_triton():
+    """resfuse imports and runs (reference backend) when neither resfuse._C nor triton can be imported."""
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['resfuse._C'] = None\n"
+        "import torch, resfuse\n"
+        "assert resfuse.available_backends('cpu') == ['reference'], resfuse.available_backends('cpu')\n"
+        "assert 'not built' in resfuse._loader.extension_error, resfuse._loader.extension_error\n"
+        "block = resfuse.BasicBlock(4, 4)\n"
+        "block(torch.randn(2, 4, 3, 3)).sum().backward()\n"
+        "try:\n"
+        "    resfuse.BasicBlock(4, 4, backend='cuda')(torch.randn(2, 4, 3, 3))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'unavailable' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('asking for an unavailable backend must fail')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RESFUSE_BACKEND",)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr

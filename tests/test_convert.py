@@ -84,6 +84,23 @@ def test_whole_model_eval(backend, arch, size):
         assert rel_err(ours(x), ref(x)) < 1e-5
 
 
+@pytest.mark.parametrize("backend", [b for b in MODEL_BACKENDS if b != "reference"] or ["reference"])
+@pytest.mark.parametrize("arch,kwargs", [("resnext50_32x4d", {}),
+                                         ("resnet50", {"replace_stride_with_dilation": [False, True, True]})],
+                         ids=["resnext50_32x4d", "dilated_resnet50"])
+def test_grouped_and_dilated_models(backend, arch, kwargs):
+    """ResNeXt (groups=32) and dilated ResNet-50: eval outputs and one float64 training step."""
+    torch.manual_seed(0)
+    ref = randomize_bn_(getattr(torchvision.models, arch)(num_classes=10, **kwargs)).double()
+    ours = resfuse.convert(copy.deepcopy(ref), backend=backend)
+    x = randn(2, 3, 64, 64, dtype=torch.float64)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) < 1e-10
+    ref.train(), ours.train()
+    assert_models_match(ref, ours, sgd_steps(ref, ours, 1, torch.float64, 64), tol=1e-9)
+
+
 def sgd_steps(ref, ours, steps, dtype, size):
     """Train both models side by side; returns per step (loss, output, grads) of each."""
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
