@@ -201,3 +201,27 @@ def test_non_batchnorm_norm_layer_warns_once_and_matches(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(x)  # the same configuration does not warn twice
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_batchnorm_detection_backbone(backend):
+    """Detection backbones use torchvision.ops.FrozenBatchNorm2d: always folded, in train and eval alike."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    ref = tv.Bottleneck(16, 4, norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    ours = resfuse.Bottleneck(16, 4, norm_layer=FrozenBatchNorm2d, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x_ref = make_input((2, 16, 5, 5), "channels_last").requires_grad_(True)
+    x_ours = x_ref.detach().clone().requires_grad_(True)
+    out_ref, out = ref(x_ref), ours(x_ours)
+    assert rel_err(out, out_ref) < 1e-5
+    out_ref.sum().backward()
+    out.sum().backward()
+    assert rel_err(x_ours.grad, x_ref.grad) < 2e-5
+    assert_grads_close(ref, ours)

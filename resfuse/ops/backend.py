@@ -3,8 +3,10 @@
 - ``cuda``: the C++ extension ``resfuse._C`` (its CUDA kernels on GPU tensors, its CPU kernels on CPU tensors).
 - ``triton``: the Triton kernels (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``reference``: plain PyTorch (``resfuse.reference``), always available.
-- ``auto``: the first available of cuda, triton, reference for the tensor's device. Triton's interpreter is
-  never picked by ``auto``: it is a test vehicle, not a fast path.
+- ``auto``: the first available, for the tensor's device, of: on GPU tensors triton, cuda, reference (the
+  Triton kernels' code is what CI verifies, under the interpreter, so it leads until per-shape measurements
+  choose); on CPU tensors cuda (the extension's CPU kernels), reference. Triton's interpreter is never picked
+  by ``auto``: it is a test vehicle, not a fast path.
 
 Naming a backend that cannot run on the tensor's device is an error, never a silent fallback.
 """
@@ -18,7 +20,8 @@ import torch
 from .. import _loader
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
-_AUTO_ORDER = ("cuda", "triton", "reference")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cuda", "reference")}
+_ALL = ("cuda", "triton", "reference")
 
 
 def requested_backend(backend: Optional[str] = None) -> str:
@@ -54,16 +57,14 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
-    return [b for b in _AUTO_ORDER if unavailable_reason(b, device) is None]
+    return [b for b in _ALL if unavailable_reason(b, device) is None]
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The concrete backend (cuda, triton or reference) an op on ``device`` runs with."""
     name = requested_backend(backend)
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            if candidate == "triton" and device.type != "cuda":
-                continue
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device) is None:
                 return candidate
         return "reference"
