@@ -6,6 +6,7 @@ Set TRITON_INTERPRET=1 before importing this package to run the kernels on CPU t
 """
 from .bias_act import conv_epilogue_bwd, conv_epilogue_fwd
 from .bn_act import LaunchConfig, bn_act_bwd, bn_act_fwd, launch_config
+from .conv_bn_act import conv_bn_act_fwd
 
 __all__ = [
     "bn_act_fwd",

@@ -3,9 +3,10 @@
     out = act(conv2d(x, W') + b' [+ residual])
 
 Flavours: ``resfuse::conv_bn_act`` (C++) and ``resfuse::conv_bn_act_triton``; backward ops
-``resfuse::_conv_bn_act_backward`` and ``resfuse::_conv_bn_act_backward_triton``. The convolution itself is
-still ATen's (cuDNN / oneDNN); the kernels here fuse the epilogue (bias, residual, ReLU) into one pass over
-the conv output, and the backward's ReLU mask with the bias gradient.
+``resfuse::_conv_bn_act_backward`` and ``resfuse::_conv_bn_act_backward_triton``.
+- Triton: one implicit-GEMM kernel over NHWC with the epilogue (bias, residual, ReLU) fused in.
+- C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output.
+Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
 """
 from __future__ import annotations
 
@@ -34,10 +35,8 @@ def _triton():
 
 
 def conv_bn_act_triton(input, weight, bias, residual, stride, padding, dilation, groups, relu):
-    conv = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
-    # the epilogue writes into the conv output, laid out like the input (ATen may pick the weight's layout)
-    conv = conv.contiguous(memory_format=memory_format_of(input))
-    return _triton().conv_epilogue_fwd(conv, bias, residual, relu, inplace=True)
+    # One launch: implicit-GEMM conv with the bias + residual + ReLU epilogue (triton_kernels/conv_bn_act.py).
+    return _triton().conv_bn_act_fwd(input, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
 def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, dilation, groups, relu,
