@@ -13,9 +13,9 @@ from torch import nn
 from .. import reference
 from ..ops.backend import requested_backend
 from .blocks import BasicBlock, Bottleneck
+from .stem import SOURCE_ATTR, fuse_stem, unfuse_stem
 
 _FUSED = (BasicBlock, Bottleneck)
-_SOURCE_ATTR = "_resfuse_source_class"
 
 
 def _fused_class(module: nn.Module) -> Optional[type]:
@@ -54,9 +54,10 @@ def _apply(model: nn.Module, swap) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def convert(model: nn.Module, backend: Optional[str] = None, stem: bool = True) -> nn.Module:
     """Replace every torchvision BasicBlock/Bottleneck in ``model`` by resfuse's; returns the model (or the
-    new block when ``model`` itself is one). ``backend`` is stored on each block (None: RESFUSE_BACKEND/auto)."""
+    new block when ``model`` itself is one). ``backend`` is stored on each block (None: RESFUSE_BACKEND/auto).
+    ``stem``: also fuse the conv1 -> bn1 -> relu stem of every torchvision ResNet in ``model`` (resfuse/nn/stem.py)."""
     if backend is not None:
         requested_backend(backend)
 
@@ -67,11 +68,15 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
                 module.backend = backend
             return module
         new = _reclass(module, cls)
-        new.__dict__[_SOURCE_ATTR] = type(module)
+        new.__dict__[SOURCE_ATTR] = type(module)
         new.__dict__["backend"] = backend
         return new
 
-    return _apply(model, swap)
+    model = _apply(model, swap)
+    if stem:
+        for module in model.modules():
+            fuse_stem(module, backend)
+    return model
 
 
 def _default_source(cls: type) -> type:
@@ -88,10 +93,12 @@ def revert(model: nn.Module) -> nn.Module:
     def swap(module: nn.Module) -> nn.Module:
         if type(module) not in _FUSED:
             return module
-        source = module.__dict__.get(_SOURCE_ATTR) or _default_source(type(module))
+        source = module.__dict__.get(SOURCE_ATTR) or _default_source(type(module))
         new = _reclass(module, source)
-        new.__dict__.pop(_SOURCE_ATTR, None)
+        new.__dict__.pop(SOURCE_ATTR, None)
         new.__dict__.pop("backend", None)
         return new
 
+    for module in model.modules():
+        unfuse_stem(module)
     return _apply(model, swap)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops._checks import FLOAT_DTYPES
 from .fold import folded_weight_bias
+from .stem import plain_forward, plain_type
 
 _warned: set = set()
 
@@ -35,13 +36,13 @@ def _is_frozen_bn(bn: nn.Module) -> bool:
 
 def unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     """Why (conv, bn) has no fused path, or None."""
-    if type(conv) is not nn.Conv2d:
+    if plain_type(conv) is not nn.Conv2d:
         return f"conv layer {type(conv).__name__}"
     if conv.padding_mode != "zeros":
         return f"Conv2d padding_mode={conv.padding_mode!r}"
     if isinstance(conv.padding, str):
         return f"Conv2d padding={conv.padding!r}"
-    if type(bn) is nn.BatchNorm2d or _is_frozen_bn(bn):
+    if plain_type(bn) is nn.BatchNorm2d or _is_frozen_bn(bn):
         return None
     if isinstance(bn, nn.SyncBatchNorm) and not bn.training:
         return None
@@ -83,7 +84,7 @@ def uses_batch_stats(bn: nn.Module) -> bool:
 
 def reference_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor],
                           relu: bool) -> Tensor:
-    out = bn(conv(x))
+    out = plain_forward(bn, plain_forward(conv, x))
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
