@@ -102,3 +102,17 @@ def test_dtype_change_invalidates(backend):
         assert rel_err(out, ref(x.double())) < 1e-12
     ref.float(), ours.float()
     check(ref, ours, x)
+
+
+def test_gemm_layout_fold_needs_no_repack():
+    """The Triton conv's weight packing is a no-op (no copy) on a fold cached in GEMM layout."""
+    from resfuse.nn.fold import gemm_layout
+
+    block = randomize_bn_(resfuse.BasicBlock(6, 6)).eval()
+    with torch.no_grad():
+        w, _ = folded_weight_bias(block.conv1, block.bn1, for_gemm=True)
+        w_plain, _ = folded_weight_bias(block.conv1, block.bn1)
+    assert torch.equal(w, w_plain) and w.shape == block.conv1.weight.shape
+    packed = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+    assert packed.is_contiguous() and packed.data_ptr() == w.data_ptr()
+    assert torch.equal(gemm_layout(w_plain), w_plain)

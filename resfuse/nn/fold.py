@@ -28,15 +28,24 @@ def _fold(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
     return fold_bn_ref(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
 
-def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """(W', b') such that conv(x, W') + b' == bn(conv(x)) with bn's running statistics."""
+def gemm_layout(weight: Tensor) -> Tensor:
+    """The same [C_out, Cg, KH, KW] weight, stored as the implicit-GEMM B matrix [KH, KW, Cg, C_out] (output
+    channels fastest). The Triton conv reads this layout directly; with any other it repacks on every call."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False) -> tuple[Tensor, Tensor]:
+    """(W', b') such that conv(x, W') + b' == bn(conv(x)) with bn's running statistics.
+
+    ``for_gemm``: store W' in ``gemm_layout`` (for the Triton conv kernel); cached, so the layout change is
+    paid once per weight update, not per forward."""
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if torch.compiler.is_compiling():
         return _fold(conv, bn)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         return _fold(conv, bn)
     try:
-        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(),
+        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm,
                tuple(_tensor_key(t) for t in sources))
     except RuntimeError:  # inference tensors have no version counter: fold every time
         return _fold(conv, bn)
@@ -45,6 +54,8 @@ def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
         return hit[1], hit[2]
     with torch.no_grad():
         weight, bias = _fold(conv, bn)
+        if for_gemm:
+            weight = gemm_layout(weight)
     _cache[bn] = (key, weight, bias)
     return weight, bias
 

@@ -117,6 +117,6 @@ def conv_bn_act(
             bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
             momentum, bn.eps, relu, backend=impl,
         )
-    weight, bias = folded_weight_bias(conv, bn)
+    weight, bias = folded_weight_bias(conv, bn, for_gemm=impl == "triton")
     return ops.conv_bn_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
                            relu, backend=impl)
