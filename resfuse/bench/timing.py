@@ -1,0 +1,144 @@
+"""Timing: medians of many repetitions after warm-up, and the machine's ceilings measured the same way.
+
+On a GPU each repetition is bracketed by CUDA events, and a buffer larger than the L2 cache is overwritten
+before it (outside the events), so small shapes are not timed from a warm cache. On the CPU each repetition is
+timed with ``time.perf_counter``. The number of repetitions follows from the warm-up's time per call unless it
+is fixed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+# overwritten before each timed repetition on a GPU: more than any current GPU's L2 (50 MB on H100/H200)
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    repeats: int
+    first_call_s: float  # the first call, synchronised: compilation, autotuning, cuDNN set-up
+    outputs: Any  # what the first call returned (compared with the reference)
+
+
+@dataclass
+class Budget:
+    """How much to warm up and time: fixed ``repeats``, or as many as fit ``target_s`` within the bounds."""
+
+    warmup_s: float
+    min_warmup: int
+    target_s: float
+    min_repeats: int
+    max_repeats: int
+    repeats: Optional[int] = None
+
+    @classmethod
+    def for_device(cls, device: torch.device, repeats: Optional[int] = None) -> "Budget":
+        if device.type == "cuda":
+            return cls(warmup_s=0.05, min_warmup=3, target_s=0.25, min_repeats=25, max_repeats=500,
+                       repeats=repeats)
+        return cls(warmup_s=0.0, min_warmup=0, target_s=0.1, min_repeats=3, max_repeats=20, repeats=repeats)
+
+
+def _time_cuda(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    for i in range(repeats):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _time_cpu(fn: Callable[[], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, budget: Budget) -> Timing:
+    """Warm up ``fn`` (its first call is timed apart: compilation), then return the median of the timed
+    repetitions in milliseconds."""
+    start = time.perf_counter()
+    outputs = fn()
+    synchronize(device)
+    first_call_s = time.perf_counter() - start
+
+    calls, start = 0, time.perf_counter()
+    while calls < budget.min_warmup or time.perf_counter() - start < budget.warmup_s:
+        fn()
+        synchronize(device)
+        calls += 1
+    if calls:
+        per_call = (time.perf_counter() - start) / calls
+    else:  # no warm-up asked for (CPU): the first call is all we know
+        per_call = first_call_s
+    repeats = budget.repeats or int(min(max(budget.target_s / max(per_call, 1e-6), budget.min_repeats),
+                                        budget.max_repeats))
+    times = _time_cuda(fn, repeats, device) if device.type == "cuda" else _time_cpu(fn, repeats)
+    return Timing(statistics.median(times), repeats, first_call_s, outputs)
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float
+    matmul_tflops: float
+    matmul_dtype: str
+
+    def as_dict(self) -> dict:
+        return {"copy_gbps": round(self.copy_gbps, 1), "matmul_tflops": round(self.matmul_tflops, 2),
+                "matmul_dtype": self.matmul_dtype}
+
+
+def _best_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()
+    synchronize(device)
+    if device.type == "cuda":
+        return min(_time_cuda(fn, repeats, device))
+    return min(_time_cpu(fn, repeats))
+
+
+def _copy_gbps(device: torch.device, nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = _best_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # bytes read + written
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """The roofline's two ceilings, measured now on ``device``: the copy bandwidth of a large buffer (GB/s,
+    bytes read + written) and the throughput of a large matmul in ``dtype`` (TFLOP/s; fp32 on a GPU runs as
+    TF32 when cuDNN may use TF32 for convolutions, as it does by default). The fastest repetition counts."""
+    on_gpu = device.type == "cuda"
+    copy_gbps = _copy_gbps(device, (1 << 30) if on_gpu else (1 << 27), 20 if on_gpu else 5)
+    n = 8192 if on_gpu else 1024
+    mm_dtype = dtype if on_gpu else torch.float32
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(mm_dtype, str(mm_dtype))
+    tf32 = on_gpu and mm_dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            name = "tf32"
+        mm_ms = _best_ms(lambda: torch.mm(a, b), device, 20 if on_gpu else 5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return Ceilings(copy_gbps=copy_gbps, matmul_tflops=2 * n ** 3 / (mm_ms * 1e-3) / 1e12, matmul_dtype=name)

@@ -1,0 +1,299 @@
+"""The benchmark command and its pieces on CPU: one tiny run of ``python -m resfuse.bench`` (JSON schema,
+markdown regeneration, plots), the FLOP and byte counts, the shape table, provider names and reasons, and the
+wiring of the cuDNN-fused provider (checked on CPU with stand-ins for cuDNN's fused convolutions)."""
+import contextlib
+import copy
+import datetime
+import importlib.util
+import io
+import json
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from resfuse.bench import cases, cli, counting, report, shapes
+
+# the names RESULTS.md allows
+RESULT_PROVIDERS = {"eager", "compile", "compile_freezing", "cudnn_fused", "resfuse_cuda", "resfuse_triton",
+                    "resfuse_auto"}
+META_KEYS = {"gpu", "torch", "triton", "cuda", "cudnn", "resfuse", "date", "command"}
+RECORD_KEYS = {"bench", "mode", "stage", "N", "C", "H", "W", "stride", "dtype", "layout", "provider", "median_ms",
+               "rel_err"}
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+ARGV = ["--device", "cpu", "--bench", "basicblock,conv_bn_act,bn_act", "--stages", "C512_H7", "--batch", "2",
+        "--repeats", "1", "--tag", "test"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ARGV + (["--models", "resnet18", "--resolution", "32"] if HAS_TORCHVISION else []) + ["--out", str(out)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = cli.main(argv)
+    stem = f"cpu-{datetime.date.today():%Y%m%d}-test"
+    return {"rc": rc, "out": out, "json": out / f"{stem}.json", "md": out / f"{stem}.md", "stem": stem,
+            "stdout": stdout.getvalue()}
+
+
+def test_cli_runs_and_names_files(run):
+    assert run["rc"] == 0, run["stdout"]
+    assert run["json"].exists() and run["md"].exists()
+    assert re.fullmatch(r"cpu-\d{8}-test", run["stem"])
+    assert "vs eager" in run["stdout"] and "skipped" in run["stdout"]
+
+
+def test_json_schema(run):
+    data = json.loads(run["json"].read_text())
+    meta = data["meta"]
+    assert META_KEYS <= set(meta), META_KEYS - set(meta)
+    assert meta["complete"] is True and meta["gpu"] is None and meta["command"].startswith("python -m resfuse.bench")
+    assert {"copy_gbps", "matmul_tflops", "matmul_dtype"} <= set(meta["ceilings"])
+    records = data["records"]
+    benches = {r["bench"] for r in records}
+    assert {"basicblock", "conv_bn_act", "bn_act"} <= benches
+    if HAS_TORCHVISION:
+        assert "model:resnet18" in benches
+    for r in records:
+        assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
+        assert r["provider"] in RESULT_PROVIDERS
+        assert r["mode"] in ("eval", "train")
+        assert r["median_ms"] > 0 and r["dtype"] == "fp32" and r["layout"] == "channels_last"
+        assert r["rel_err"] is not None and r["rel_err"] < 1e-3, r
+        assert r["tflops"] > 0 and r["gbps"] > 0 and r["roofline_frac"] > 0 and r["bound"] in ("compute", "memory")
+    # every comparison has its eager baseline, and bn_act rows are memory-bound, conv rows compute-bound
+    assert {(r["bench"], r["mode"]) for r in records if r["provider"] == "eager"} == \
+        {(r["bench"], r["mode"]) for r in records}
+    assert all(r["bound"] == "memory" for r in records if r["bench"] == "bn_act")
+    # what cannot run on CPU is listed with a reason, never replaced
+    skipped = {(s["provider"], s["bench"], s["mode"]) for s in data["skipped"]}
+    assert ("cudnn_fused", "basicblock", "eval") in skipped and ("resfuse_triton", "basicblock", "train") in skipped
+    assert all(s["reason"] for s in data["skipped"]) and not data["failed"]
+    assert not {r["provider"] for r in records} & {s[0] for s in skipped if s[1] == "basicblock"}
+
+
+def test_markdown_regenerates_from_json(run):
+    text = run["md"].read_text()
+    assert report.render_markdown(str(run["json"])) == text
+    assert "## basicblock, eval" in text and "## bn_act, train" in text and "cudnn_fused" in text
+    run["md"].write_text("stale")
+    report.main([str(run["json"]), "--no-plots"])
+    assert run["md"].read_text() == text
+
+
+def test_plots_written(run):
+    if not HAS_MATPLOTLIB:
+        pytest.skip("matplotlib is not installed: the command skips the plots (and says so)")
+    for kind in ("speedup", "roofline"):
+        png = run["out"] / f"{run['stem']}-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png.name})" in run["md"].read_text()
+
+
+def test_provider_names_are_the_results_names():
+    assert set(cases.PROVIDERS) == RESULT_PROVIDERS
+    assert set(cli.PROVIDER_ALIASES.values()) <= RESULT_PROVIDERS
+
+
+def test_arguments():
+    args = cli.parse_args(["--device", "cpu", "--backends", "cuda,triton"])  # the old flag still works
+    assert args.provider_names == ["eager", "resfuse_cuda", "resfuse_triton"]
+    assert args.preset == "cpu" and args.dtype == "fp32" and args.left_out == {}
+    args = cli.parse_args(["--device", "cpu"])
+    assert args.provider_names == list(cases.PROVIDERS) and set(args.left_out) == set(cases.COMPILED)
+    assert [i.shape.stage for i in cli.plan(args) if i.bench == "basicblock" and i.mode == "eval"] == \
+        ["C64_H56", "C128_H28", "C256_H14", "C512_H7"]
+    args = cli.parse_args(["--device", "cpu", "--bench", "bottleneck", "--stages", "64,C512_H28_down", "--mode",
+                           "train"])
+    assert [(i.shape.stage, i.mode) for i in cli.plan(args)] == \
+        [("C64_H56_down", "train"), ("C256_H56", "train"), ("C512_H28_down", "train")]
+    args = cli.parse_args(["--device", "cpu", "--full"])
+    items = cli.plan(args)
+    assert {i.bench for i in items} == set(cases.BENCHES)
+    assert len([i for i in items if i.bench == "bottleneck"]) == 2 * len(shapes.BOTTLENECK_SHAPES)
+    assert {(i.bench, i.mode) for i in items if i.bench in ("conv_bn_act", "bn_act")} == \
+        {("conv_bn_act", "eval"), ("bn_act", "train")}
+    for bad in (["--providers", "nope"], ["--stages", "C7_H7"], ["--models", "vgg16"], ["--bench", "x"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--device", "cpu"] + bad)
+
+
+def test_progress_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    progress = cli.Progress(4, stream=stream)
+    progress.bar = None  # the text fallback, whether tqdm is installed or not
+    for label in ("a", "a", "b", "b"):
+        progress.step(label, "eager")
+        progress.advance()
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[  0/4]") and lines[1].startswith("[  2/4]")
+
+
+def test_result_stem():
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-11-24"}
+    assert cli.result_stem(meta, None) == "h100-80gb-hbm3-20261124"
+    assert cli.result_stem(meta, "Full Run") == "h100-80gb-hbm3-20261124-full-run"
+    assert cli.result_stem({"gpu": None, "date": "2026-11-24"}, None) == "cpu-20261124"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs and bytes
+
+
+def test_conv_flops_known_shape():
+    # ResNet-18 layer1 conv: 64 -> 64, 3x3, 56x56, one image: 2 * 56*56 * 64 * 64 * 9
+    assert counting.conv_flops(1, 64, 64, 56, 56, 3, 3) == 231_211_008
+    assert counting.conv_flops(2, 64, 64, 56, 56, 3, 3, groups=32) == 2 * 231_211_008 // 32
+
+
+def test_block_counts_known_shape():
+    identity = shapes.BASICBLOCK_SHAPES[0]
+    assert identity.stage == "C64_H56"
+    assert counting.block_flops(identity, 1, train=False) == 2 * 231_211_008
+    assert counting.block_flops(identity, 1, train=True) == 3 * 2 * 231_211_008
+    act, weight = 64 * 56 * 56, 64 * 64 * 9
+    # conv1 reads x and its weight, writes y; conv2 reads y, its weight and the residual, writes out
+    assert counting.block_bytes(identity, 1, 4, train=False) == 4 * ((act + weight + act) + (act + weight + 2 * act))
+    down = shapes.BASICBLOCK_SHAPES[1]
+    assert down.stage == "C64_H56_down" and down.out_size == 28 and down.out_channels == 128
+    expected = (counting.conv_flops(1, 64, 128, 28, 28, 3, 3) + counting.conv_flops(1, 128, 128, 28, 28, 3, 3)
+                + counting.conv_flops(1, 64, 128, 28, 28, 1, 1))
+    assert counting.block_flops(down, 1, train=False) == expected == 359_661_568
+
+
+def test_bn_act_bytes_known_shape():
+    shape = shapes.OP_SHAPES[0]  # C64_H56
+    numel = 2 * 64 * 56 * 56
+    assert counting.bn_act_bytes(shape, 2, 2, train=False) == 3 * numel * 2  # x, residual in; out
+    assert counting.bn_act_bytes(shape, 2, 2, train=True) == 8 * numel * 2  # + grad_out, x, out in; 2 grads out
+    assert counting.bn_act_bytes(shape, 2, 2, train=True, residual=False) == 6 * numel * 2
+    assert counting.conv_bn_act_flops(shape, 2) == 2 * 231_211_008
+
+
+@pytest.mark.parametrize("shape", [shapes.BASICBLOCK_SHAPES[1], shapes.BOTTLENECK_SHAPES[0],
+                                   shapes.BOTTLENECK_SHAPES[-1]], ids=lambda s: f"{s.block}-{s.stage}")
+def test_block_flops_match_torch_flop_counter(shape):
+    """Our counts from the shapes agree with torch's FLOP counter run on the real block, forward and backward."""
+    block = cases._block_module(shape)
+    x = torch.randn(1, shape.inplanes, shape.size, shape.size, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = block(x)
+    assert counter.get_total_flops() == counting.block_flops(shape, 1, train=False)
+    with FlopCounterMode(display=False) as counter:
+        block(x).sum().backward()
+    assert counter.get_total_flops() == counting.block_flops(shape, 1, train=True)
+    assert out.shape[1:] == (shape.out_channels, shape.out_size, shape.out_size)
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
+def test_model_flops_match_torch_flop_counter():
+    from torchvision.models import resnet18
+
+    model = resnet18()
+    count = counting.count_model(model, 64)
+    assert len(count.convs) == 20 and count.fc == (512, 1000)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.randn(2, 3, 64, 64))
+    assert counter.get_total_flops() == count.flops(2, train=False)
+
+
+def test_shape_table_covers_every_block():
+    for model, layers in shapes.MODEL_LAYERS.items():
+        table = shapes.block_shapes(shapes.MODEL_BLOCK[model])
+        assert sum(s.count.get(model, 0) for s in table) == sum(layers), model
+    names = [s.stage for s in shapes.BASICBLOCK_SHAPES]
+    assert len(set(names)) == len(names) == 7
+    assert len({s.stage for s in shapes.BOTTLENECK_SHAPES}) == 8
+    assert shapes.STAGES == [(64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def test_benchmarks_shapes_reexports_the_table():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "shapes.py")
+    spec = importlib.util.spec_from_file_location("_benchmarks_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.BASICBLOCK_SHAPES is shapes.BASICBLOCK_SHAPES and module.OP_SHAPES is shapes.OP_SHAPES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# providers
+
+
+def test_unavailable_providers_say_why():
+    problem = cases.make_problem("basicblock", shapes.BASICBLOCK_SHAPES[-1], "train", 2, "cpu", "fp32")
+    assert "GPU" in cases.provider_unavailable(problem, "cudnn_fused")
+    assert "eval" in cases.provider_unavailable(problem, "compile_freezing")
+    assert "interpreter" in cases.provider_unavailable(problem, "resfuse_triton")
+    with pytest.raises(cases.Unavailable):
+        cases.make_runner(problem, "cudnn_fused")
+    with pytest.raises(ValueError):
+        cases.provider_unavailable(problem, "tensorrt")
+
+
+def _stand_in_cudnn(monkeypatch):
+    """CPU stand-ins with the signatures of torch.cudnn_convolution_relu / _add_relu."""
+    def conv_relu(x, w, b, stride, padding, dilation, groups):
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+
+
+@pytest.mark.parametrize("shape", [shapes.BASICBLOCK_SHAPES[1], shapes.BOTTLENECK_SHAPES[0]],
+                         ids=lambda s: f"{s.block}-{s.stage}")
+def test_cudnn_fused_block_wiring(monkeypatch, shape):
+    _stand_in_cudnn(monkeypatch)
+    small = shapes.BlockShape(shape.block, shape.layer, shape.inplanes // 8, shape.planes // 8, shape.stride, 12,
+                              shape.downsample)
+    problem = cases.make_problem(shape.block, small, "eval", 2, "cpu", "fp32")
+    block, x = problem.master.double(), problem.inputs[0].double()  # fp64: the wiring, not rounding, is checked
+    fused = cases._CudnnBlock(copy.deepcopy(block))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), block(x))
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed")
+def test_cudnn_fused_model_wiring(monkeypatch):
+    _stand_in_cudnn(monkeypatch)
+    problem = cases.make_problem("model", "resnet18", "eval", 2, "cpu", "fp32", resolution=32)
+    model, x = problem.master.double(), problem.inputs[0].double()
+    fused = cases._CudnnResNet(copy.deepcopy(model))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def test_conv_bn_act_providers_agree_on_cpu(monkeypatch):
+    _stand_in_cudnn(monkeypatch)
+    problem = cases.make_problem("conv_bn_act", shapes.ActShape(1, 16, 9), "eval", 2, "cpu", "fp32")
+    expected = problem.reference()
+    fused = cases._CudnnConvBNAct(copy.deepcopy(problem.master))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*problem.inputs), expected[0])
+    runner = cases.make_runner(problem, "resfuse_cuda" if "cuda" in cases._backend.available_backends("cpu")
+                               else "eager")
+    assert cases.rel_err(runner.step(), expected) < 1e-5
+
+
+def test_compile_freezing_sets_inductor_freezing_while_it_runs():
+    """torch.compile(options={"freezing": True}) leaves the parameters as graph inputs (torch 2.14): the runner
+    sets inductor's config for its life instead, and puts it back."""
+    from torch._inductor import config as inductor_config
+
+    problem = cases.make_problem("conv_bn_act", shapes.ActShape(1, 8, 5), "eval", 2, "cpu", "fp32")
+    before = inductor_config.freezing
+    runner = cases.make_runner(problem, "compile_freezing")  # nothing compiles before the first step
+    try:
+        assert inductor_config.freezing is True and runner.compiles
+    finally:
+        runner.close()
+    assert inductor_config.freezing == before
