@@ -24,8 +24,11 @@ def _tensor_key(t: Optional[Tensor]):
     return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
 
 
-def _fold(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
-    return fold_bn_ref(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    weight, bias = fold_bn_ref(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    if dtype is not None:  # autocast: the fold is made in fp32, then rounded once to the autocast dtype
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    return weight, bias
 
 
 def gemm_layout(weight: Tensor) -> Tensor:
@@ -34,26 +37,27 @@ def gemm_layout(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False) -> tuple[Tensor, Tensor]:
+def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False,
+                       dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """(W', b') such that conv(x, W') + b' == bn(conv(x)) with bn's running statistics.
 
-    ``for_gemm``: store W' in ``gemm_layout`` (for the Triton conv kernel); cached, so the layout change is
-    paid once per weight update, not per forward."""
+    ``for_gemm``: store W' in ``gemm_layout`` (for the Triton conv kernel); ``dtype``: cast W' and b' to it
+    (autocast). Both are cached, so they are paid once per weight update, not per forward."""
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if torch.compiler.is_compiling():
-        return _fold(conv, bn)
+        return _fold(conv, bn, dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
-        return _fold(conv, bn)
+        return _fold(conv, bn, dtype)
     try:
-        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm,
+        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm, dtype,
                tuple(_tensor_key(t) for t in sources))
     except RuntimeError:  # inference tensors have no version counter: fold every time
-        return _fold(conv, bn)
+        return _fold(conv, bn, dtype)
     hit = _cache.get(bn)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
     with torch.no_grad():
-        weight, bias = _fold(conv, bn)
+        weight, bias = _fold(conv, bn, dtype)
         if for_gemm:
             weight = gemm_layout(weight)
     _cache[bn] = (key, weight, bias)

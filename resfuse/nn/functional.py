@@ -101,15 +101,18 @@ def conv_bn_act(
     """``act(bn(conv(x)) + residual)`` with fused kernels; ``backend`` as in ``resfuse.ops``."""
     check_block_input(x, conv)
     reason = unsupported_reason(conv, bn)
-    if reason is None and torch.is_autocast_enabled(x.device.type):
-        reason = "autocast regions (cast the model instead)"
     impl = ops.resolve_backend(backend, x.device)
     if impl == "reference" or reason is not None:
         if reason is not None:
             warn_reference_once(reason)
         return reference_conv_bn_act(x, conv, bn, residual, relu)
+    # Under autocast, eager runs the conv in the autocast dtype and BN on that output with fp32 statistics
+    # and parameters; the fused ops are not autocast-aware, so the same casts are made here.
+    amp_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     if uses_batch_stats(bn):
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if residual is not None and residual.dtype != y.dtype:
+            residual = residual.to(y.dtype)
         momentum = _train_momentum(bn)
         keep_running = not bn.training or bn.track_running_stats
         return ops.bn_act(
@@ -117,6 +120,9 @@ def conv_bn_act(
             bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
             momentum, bn.eps, relu, backend=impl,
         )
-    weight, bias = folded_weight_bias(conv, bn, for_gemm=impl == "triton")
+    weight, bias = folded_weight_bias(conv, bn, for_gemm=impl == "triton", dtype=amp_dtype)
+    if amp_dtype is not None:
+        x = x.to(amp_dtype)
+        residual = residual.to(amp_dtype) if residual is not None else None
     return ops.conv_bn_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
                            relu, backend=impl)
