@@ -267,6 +267,19 @@ def _bn_act_fwd_kernel(x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_p
 
 
 @triton.jit
+def _masked_grad(go_ptr, out_ptr, g_ptr, offs, mask, RELU: tl.constexpr, WRITE_G: tl.constexpr,
+                 ACC: tl.constexpr):
+    """g = grad_out * (out > 0) (or grad_out without ReLU) of one tile; stored to g_ptr when WRITE_G."""
+    g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+    if WRITE_G:
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    return g
+
+
+@triton.jit
 def _bn_act_bwd_reduce_kernel(go_ptr, out_ptr, x_ptr, mean_ptr, g_ptr, pg_ptr, pgx_ptr,
                               C, inner, n_rows, n_itiles, n_tiles, tiles_per_prog,
                               RELU: tl.constexpr, HAS_X: tl.constexpr, WRITE_G: tl.constexpr,
@@ -287,12 +300,7 @@ def _bn_act_bwd_reduce_kernel(go_ptr, out_ptr, x_ptr, mean_ptr, g_ptr, pg_ptr, p
     acc_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     for k in range(0, n_local):
         offs, mask, cnt = _tile_offsets(t_begin + k, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-        g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-            g = tl.where(o > 0, g, 0.0)
-        if WRITE_G:
-            tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+        g = _masked_grad(go_ptr, out_ptr, g_ptr, offs, mask, RELU, WRITE_G, ACC)
         acc_g += g
         if HAS_X:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -344,12 +352,7 @@ def _bn_act_bwd_dx_kernel(go_ptr, out_ptr, x_ptr, mean_ptr, invstd_ptr, w_ptr, s
     # WRITE_DX=False leaves only g = grad_out * (out > 0): the conv epilogue backward without grad_bias.
     c0 = tl.program_id(1) * BLOCK_C
     offs, mask, cnt = _tile_offsets(tl.program_id(0), c0, C, inner, n_rows, n_itiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-    g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
-    if WRITE_G:
-        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    g = _masked_grad(go_ptr, out_ptr, g_ptr, offs, mask, RELU, WRITE_G, ACC)
     if WRITE_DX:
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
