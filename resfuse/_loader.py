@@ -50,3 +50,10 @@ def triton_interpreting() -> bool:
 
 def cuda_device_available() -> bool:
     return torch.cuda.is_available()
+
+
+def require_triton_kernels() -> ModuleType:
+    """The Triton kernels module, or a clear error saying why it is unavailable."""
+    if triton_kernels is None:
+        raise RuntimeError(f"resfuse's Triton kernels are unavailable: {triton_error}")
+    return triton_kernels

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch._prims_common import suggest_memory_format
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation / statistics dtype: fp32, or fp64 for fp64 input."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -45,7 +46,7 @@ def bn_act_ref(
     Running statistics, when given, are updated in place as nn.BatchNorm2d does: the biased variance
     normalises, the unbiased one goes into running_var.
     """
-    acc = _stats_dtype(x)
+    acc = stats_dtype(x)
     xf = x.to(acc)
     n = x.numel() // max(x.shape[1], 1)
     mean = xf.mean(dim=(0, 2, 3))
@@ -82,7 +83,7 @@ def conv_bn_act_ref(
 ) -> Tensor:
     """act(conv2d(x, weight) + bias + residual): the eval-mode block with BN already folded in."""
     y = F.conv2d(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups)
-    acc = _stats_dtype(x)
+    acc = stats_dtype(x)
     yf = y.to(acc)
     if bias is not None:
         yf = yf + _channel(bias.to(acc))

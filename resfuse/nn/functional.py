@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import FLOAT_DTYPES
+from ..ops._checks import check_activation
 from .fold import folded_weight_bias
 from .stem import plain_forward, plain_type
 
@@ -51,12 +51,7 @@ def unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
 
 def check_block_input(x: Tensor, conv: nn.Conv2d) -> None:
     """Clear errors for inputs torch would reject deep inside a conv, or accept and get wrong."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D input (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"expected a floating-point input (float16, bfloat16, float32, float64), got {x.dtype}")
+    check_activation(x)
     if x.shape[1] != conv.in_channels:
         raise ValueError(f"expected input with {conv.in_channels} channels, got {x.shape[1]} "
                          f"(input shape {tuple(x.shape)})")

@@ -15,11 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..reference import memory_format_of
-
-
-def stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..reference import memory_format_of, stats_dtype
 
 
 def empty_activation(x: Tensor, shape=None) -> Tensor:

@@ -15,7 +15,7 @@ def check_activation(x: Tensor, what: str = "input") -> None:
     if x.dim() != 4:
         raise ValueError(f"{what} must be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{what} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        raise ValueError(f"{what} must be floating-point (float16, bfloat16, float32 or float64), got {x.dtype}")
 
 
 def check_like(x: Tensor, other: Optional[Tensor], what: str) -> None:

@@ -25,18 +25,14 @@ _BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor input, Tensor? weight, Tensor out,
                     "Tensor save_invstd, bool relu, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
-def _triton():
-    if _loader.triton_kernels is None:
-        raise RuntimeError(f"resfuse's Triton kernels are unavailable: {_loader.triton_error}")
-    return _loader.triton_kernels
-
-
 def bn_act_triton(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu):
-    return _triton().bn_act_fwd(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu)
+    kernels = _loader.require_triton_kernels()
+    return kernels.bn_act_fwd(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu)
 
 
 def _bn_act_backward_triton(grad_out, input, weight, out, save_mean, save_invstd, relu, output_mask):
-    return _triton().bn_act_bwd(grad_out, input, weight, out, save_mean, save_invstd, relu, list(output_mask))
+    kernels = _loader.require_triton_kernels()
+    return kernels.bn_act_bwd(grad_out, input, weight, out, save_mean, save_invstd, relu, list(output_mask))
 
 
 _autograd.define_triton_op("bn_act_triton", _SCHEMA, bn_act_triton)

@@ -28,20 +28,16 @@ _BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor input, Tensor weight, Tensor out, 
                     "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
-def _triton():
-    if _loader.triton_kernels is None:
-        raise RuntimeError(f"resfuse's Triton kernels are unavailable: {_loader.triton_error}")
-    return _loader.triton_kernels
-
-
 def conv_bn_act_triton(input, weight, bias, residual, stride, padding, dilation, groups, relu):
     # One launch: implicit-GEMM conv with the bias + residual + ReLU epilogue (triton_kernels/conv_bn_act.py).
-    return _triton().conv_bn_act_fwd(input, weight, bias, residual, stride, padding, dilation, groups, relu)
+    kernels = _loader.require_triton_kernels()
+    return kernels.conv_bn_act_fwd(input, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
 def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, dilation, groups, relu,
                                  output_mask):
-    g, grad_bias = _triton().conv_epilogue_bwd(grad_out, out, relu, bool(output_mask[2]), weight.dtype)
+    kernels = _loader.require_triton_kernels()
+    g, grad_bias = kernels.conv_epilogue_bwd(grad_out, out, relu, bool(output_mask[2]), weight.dtype)
     grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
         g, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
         [bool(output_mask[0]), bool(output_mask[1]), False])
