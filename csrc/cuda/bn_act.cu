@@ -34,6 +34,31 @@ struct PushInput {
   }
 };
 
+// PushInput on 16-byte vectors of VEC channels of one NHWC row (partial_reduce_cl_vec_kernel).
+template <typename scalar_t, typename acc_t>
+struct PushInputVec {
+  using Vec = Vec16<scalar_t>;
+  static constexpr int kV = Vec::kSize;
+  static constexpr int kUnroll = 4;  // one input stream: 4 x 16 B in flight per thread
+  using Acc = WelfordVec<acc_t, kV>;
+  using Lane = Welford<acc_t>;
+  struct Lanes {};
+  const scalar_t* x;
+
+  __device__ __forceinline__ Lanes lanes(int64_t) const { return {}; }
+
+  template <int U>
+  __device__ __forceinline__ void fold(Acc& acc, const Lanes&, int64_t off, int64_t step) const {
+    Vec v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = *reinterpret_cast<const Vec*>(x + off + u * step);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc.push(v[u]);
+  }
+
+  __device__ __forceinline__ Lane finish(const Acc& acc, int k, int64_t) const { return acc.lane(k); }
+};
+
 // Per channel: saved statistics, the scale of the apply pass and the running-stat update.
 template <typename acc_t>
 struct StatsFinalize {
@@ -75,6 +100,57 @@ struct BackwardSums {
     const acc_t g = masked_grad<scalar_t, acc_t>(grad_out, out, idx);
     acc.a += g;
     acc.b += g * (static_cast<acc_t>(x[idx]) - mean[c]) * invstd[c];
+  }
+};
+
+// BackwardSums on 16-byte vectors of VEC channels of one NHWC row. A thread keeps its channels, so it holds
+// their means in registers and sums g*(x - mean), scaled by invstd once per channel in finish().
+template <typename scalar_t, typename acc_t>
+struct BackwardSumsVec {
+  using Vec = Vec16<scalar_t>;
+  static constexpr int kV = Vec::kSize;
+  static constexpr int kUnroll = kV > 4 ? 1 : cuda::kUnroll;  // 2-byte types: 3 streams x 1 vector, no spills
+  using Acc = Sum2Vec<acc_t, kV>;
+  using Lane = Sum2<acc_t>;
+  struct Lanes {
+    acc_t mean[kV];
+  };
+  const scalar_t* grad_out;
+  const scalar_t* out;  // nullable: no ReLU
+  const scalar_t* x;
+  const acc_t* mean;
+  const acc_t* invstd;
+
+  __device__ __forceinline__ Lanes lanes(int64_t c0) const {
+    Lanes l;
+#pragma unroll
+    for (int k = 0; k < kV; ++k) l.mean[k] = mean[c0 + k];
+    return l;
+  }
+
+  template <int U>
+  __device__ __forceinline__ void fold(Acc& acc, const Lanes& l, int64_t off, int64_t step) const {
+    Vec gv[U], ov[U], xv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      gv[u] = *reinterpret_cast<const Vec*>(grad_out + off + u * step);
+      if (out != nullptr) ov[u] = *reinterpret_cast<const Vec*>(out + off + u * step);
+      xv[u] = *reinterpret_cast<const Vec*>(x + off + u * step);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int k = 0; k < kV; ++k) {
+        const acc_t g0 = static_cast<acc_t>(gv[u].v[k]);
+        const acc_t g = (out != nullptr && !(static_cast<acc_t>(ov[u].v[k]) > acc_t(0))) ? acc_t(0) : g0;
+        acc.a[k] += g;
+        acc.b[k] += g * (static_cast<acc_t>(xv[u].v[k]) - l.mean[k]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ Lane finish(const Acc& acc, int k, int64_t c) const {
+    return Lane{acc.a[k], acc.b[k] * invstd[c]};
   }
 };
 
@@ -149,7 +225,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cuda(
                                    static_cast<acc_t>(n),
                                    static_cast<acc_t>(eps),
                                    static_cast<acc_t>(momentum)};
-    reduce_per_channel<Welford<acc_t>>(v, x, PushInput<scalar_t, acc_t>{x.data_ptr<scalar_t>()}, fin);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (cl_vec_reduce_ok<scalar_t>(v, {xp})) {
+      reduce_per_channel_cl_vec(v, x, PushInputVec<scalar_t, acc_t>{xp}, fin);
+    } else {
+      reduce_per_channel<Welford<acc_t>>(v, x, PushInput<scalar_t, acc_t>{xp}, fin);
+    }
     launch_affine_act<scalar_t, acc_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                        save_mean.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), ptr_or_null<acc_t>(b),
                                        ptr_or_null<scalar_t>(res), relu);
@@ -205,7 +286,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
                                         ptr_or_null<acc_t>(coef),
                                         C,
                                         static_cast<acc_t>(static_cast<double>(v.per_channel()))};
-      reduce_per_channel<Sum2<acc_t>>(v, x, sums, fin);
+      if (cl_vec_reduce_ok<scalar_t>(v, {gp, op, xp})) {
+        const BackwardSumsVec<scalar_t, acc_t> vsums{gp, op, xp, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>()};
+        reduce_per_channel_cl_vec(v, x, vsums, fin);
+      } else {
+        reduce_per_channel<Sum2<acc_t>>(v, x, sums, fin);
+      }
     }
     if (output_mask[0] || output_mask[3]) {
       launch_backward_elementwise<scalar_t, acc_t>(v, gp, op, xp, ptr_or_null<acc_t>(coef),
