@@ -29,6 +29,7 @@ The backward reduces sum(g) and sum(g * (x - mean)) the same way, and `_bn_act_b
 grad_input and grad_residual in one pass.  The reduction / apply kernels also serve the conv epilogue
 (bias_act.py) through their constexpr flags.
 """
+import functools
 import os
 import struct
 from typing import NamedTuple, Optional
@@ -77,7 +78,19 @@ def _inner_block(inner: int) -> int:
     return best
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Cached: a training step asks for the same few shapes on every call, and the host time of a launch is what
+# limits a block at small activations (the GPU work of a C256_H14 block is a third of its eager host time).
 def launch_config(outer: int, C: int, inner: int, device: torch.device) -> LaunchConfig:
+    return _launch_config(outer, C, inner, device, _interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp: bool) -> LaunchConfig:
     """Block sizes from the [outer, C, inner] shape.
 
     The interpreter runs every program instance in Python, so there the tiles are tiny: that keeps CI fast on the
@@ -85,7 +98,6 @@ def launch_config(outer: int, C: int, inner: int, device: torch.device) -> Launc
     about 2K elements (enough bytes in flight per program, few registers) and the reduction keeps a few waves of
     programs busy while the partial buffer stays small.
     """
-    interp = _interpreting()
     channels_last = inner == 1
     if channels_last:
         BLOCK_C = min(_np2(C), 16 if interp else 64)
@@ -101,7 +113,7 @@ def launch_config(outer: int, C: int, inner: int, device: torch.device) -> Launc
     if interp:
         target_parts = 3
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+        sms = _sm_count(device) if device.type == "cuda" else 16
         target_parts = max(1, (4 * sms) // c_blocks)
     target_parts = max(1, min(target_parts, n_tiles))
     tiles_per_prog = triton.cdiv(n_tiles, target_parts)
@@ -481,8 +493,8 @@ def _grad_reduce(go, out, xc, mean, invstd, g_out, lay, cfg, acc_t, acc_tl, *, r
                  sums=None, grad_weight=None, grad_bias=None):
     """Two-level reduction of sum(g) (and sum(g * xhat) when has_x); optionally writes g on the way."""
     P, C = cfg.n_parts, lay.C
-    pg = torch.empty((P, C), dtype=acc_t, device=go.device)
-    pgx = torch.empty((P, C), dtype=acc_t, device=go.device) if has_x else pg
+    partials = torch.empty((2 if has_x else 1, P, C), dtype=acc_t, device=go.device)  # one allocation
+    pg, pgx = partials[0], partials[-1]
     _bn_act_bwd_reduce_kernel[(P, cfg.c_blocks)](
         go, out if relu else go, xc if has_x else go, mean if has_x else pg,
         g_out if g_out is not None else go, pg, pgx,
@@ -542,9 +554,7 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
     cfg = launch_config(lay.outer, C, lay.inner, x.device)
     P = cfg.n_parts
-    pcnt = torch.empty((P, C), dtype=acc_t, device=x.device)
-    pmean = torch.empty((P, C), dtype=acc_t, device=x.device)
-    pm2 = torch.empty((P, C), dtype=acc_t, device=x.device)
+    pcnt, pmean, pm2 = torch.empty((3, P, C), dtype=acc_t, device=x.device).unbind(0)  # one allocation
     _bn_stats_partial_kernel[(P, cfg.c_blocks)](
         xc, pcnt, pmean, pm2, C, lay.inner, n, cfg.n_itiles, cfg.n_tiles, cfg.tiles_per_prog,
         CHANNELS_LAST=cfg.channels_last, ACC=acc_tl, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C,
@@ -598,7 +608,7 @@ def bn_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     if mask[0] or mask[1] or mask[2]:
         has_x = mask[0] or mask[1]
         if mask[0]:
-            sums = (torch.empty(C, dtype=acc_t, device=dev), torch.empty(C, dtype=acc_t, device=dev))
+            sums = tuple(torch.empty((2, C), dtype=acc_t, device=dev).unbind(0))
         _grad_reduce(go, o, xc, mean, invstd, None, lay, cfg, acc_t, acc_tl, relu=relu, has_x=has_x, sums=sums,
                      grad_weight=grad_weight if mask[1] else None, grad_bias=grad_bias if mask[2] else None)
     if mask[0] or mask[3]:
