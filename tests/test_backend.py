@@ -51,8 +51,11 @@ def test_available_backends_lists_reference():
 
 
 @pytest.mark.cuda
-def test_auto_on_gpu_picks_a_fused_backend():
-    assert backend_mod.resolve_backend("auto", torch.device("cuda")) in ("cuda", "triton")
+def test_auto_on_gpu_prefers_cuda_then_triton():
+    """The order measured faster on an H100 (resfuse/ops/backend.py)."""
+    gpu = torch.device("cuda")
+    expected = "cuda" if backend_mod.unavailable_reason("cuda", gpu) is None else "triton"
+    assert backend_mod.resolve_backend("auto", gpu) == expected
 
 
 def test_import_without_extension_or_triton():
