@@ -192,8 +192,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_ou
   auto activation = [&](bool wanted) {
     return wanted ? empty_activation(input.sizes(), input, format) : not_requested(input, input.scalar_type());
   };
+  // Zeros only for an empty batch (nothing is summed); otherwise the kernels write every channel, and a fill
+  // would be one more launch per output.
   auto param = [&](bool wanted) {
-    return wanted ? at::zeros({input.size(1)}, input.options().dtype(pdtype)) : not_requested(input, pdtype);
+    if (!wanted) return not_requested(input, pdtype);
+    const auto opts = input.options().dtype(pdtype);
+    return input.numel() == 0 ? at::zeros({input.size(1)}, opts) : at::empty({input.size(1)}, opts);
   };
   return {activation(output_mask[0]), param(output_mask[1]), param(output_mask[2]), activation(output_mask[3])};
 }

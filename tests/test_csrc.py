@@ -644,6 +644,63 @@ def test_cuda_bn_act_options_match_cpu(dtype, shape, layout, misaligned, use_wei
             _assert_cuda_matches_cpu(g, cpu_t, f"{name} mask={mask}", n)
 
 
+def _strided_channel_vector(t: torch.Tensor) -> torch.Tensor:
+    """t's values as every other element of a larger buffer: a non-contiguous [C] tensor."""
+    buf = torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)
+    buf[::2] = t
+    return buf[::2]
+
+
+# (activation dtype, parameter dtype, strided parameters, with weight). The CUDA kernels read and update the
+# per-channel tensors in place when they are contiguous and in the activation's or the accumulation dtype;
+# the other cases go through accumulation-dtype copies. Each path once, on the vector kernels' shape.
+PARAM_CASES = [
+    (torch.bfloat16, torch.bfloat16, False, True),  # a model cast to bf16: in place, bf16
+    (torch.bfloat16, torch.float32, False, True),  # fp32 master parameters: in place, fp32
+    (torch.float16, torch.bfloat16, False, True),  # neither dtype: copies
+    (torch.float32, torch.float32, True, True),  # strided: copies
+    (torch.float64, torch.float32, False, False),  # no weight: grad_weight in fp32, accumulated in fp64
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("case", PARAM_CASES, ids=str)
+def test_cuda_bn_act_parameter_dtypes_match_cpu(case, layout):
+    """Weight, bias and running statistics in each dtype and layout the kernels take: outputs, updated running
+    statistics, and grad_weight / grad_bias in the parameters' dtype."""
+    assert resfuse._C.with_cuda(), "the extension was built without its CUDA kernels"
+    dtype, pdtype, strided, use_weight = case
+    shape = (16, 64, 14, 14)
+    c = shape[1]
+    x = activation(shape, dtype, layout, seed=141)
+    r = activation(shape, dtype, layout, seed=142)
+    go = activation(shape, dtype, layout, seed=143, offset=0.0)
+    w = per_channel(c, pdtype, 144, positive=True) if use_weight else None
+    b = per_channel(c, pdtype, 145) if use_weight else None
+    rm, rv = per_channel(c, pdtype, 146), per_channel(c, pdtype, 147, positive=True)
+    on_gpu = _strided_channel_vector if strided else (lambda t: t)
+    wc, bc = (None, None) if w is None else (on_gpu(w.cuda()), on_gpu(b.cuda()))
+    rm_c, rv_c = on_gpu(rm.cuda()), on_gpu(rv.cuda())
+    assert rm_c.is_contiguous() != strided
+
+    gpu = ops.bn_act(x.cuda(), wc, bc, r.cuda(), rm_c, rv_c, MOMENTUM, EPS, True)
+    cpu = ops.bn_act(x, w, b, r, rm, rv, MOMENTUM, EPS, True)
+    for name, g, cpu_t in zip(("out", "save_mean", "save_invstd"), gpu, cpu):
+        _assert_cuda_matches_cpu(g, cpu_t, name)
+    _assert_cuda_matches_cpu(rm_c, rm, "running_mean")
+    _assert_cuda_matches_cpu(rv_c, rv, "running_var")
+    assert rm_c.dtype == pdtype and rm_c.is_contiguous() != strided  # updated where it lives
+
+    gpu_grads = ops._bn_act_backward(go.cuda(), x.cuda(), wc, *gpu, True, [True] * 4)
+    cpu_grads = ops._bn_act_backward(go, x, w, *(t.cpu() for t in gpu), True, [True] * 4)
+    for name, g, cpu_t in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), gpu_grads, cpu_grads):
+        n = x.numel() // c if name in ("grad_weight", "grad_bias") else 1
+        _assert_cuda_matches_cpu(g, cpu_t, name, n)
+    expected = pdtype if use_weight else torch.float32
+    assert gpu_grads[1].dtype == gpu_grads[2].dtype == expected
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

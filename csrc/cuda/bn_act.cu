@@ -59,15 +59,18 @@ struct PushInputVec {
   __device__ __forceinline__ Lane finish(const Acc& acc, int k, int64_t) const { return acc.lane(k); }
 };
 
-// Per channel: saved statistics, the scale of the apply pass and the running-stat update.
-template <typename acc_t>
+// Per channel: saved statistics, the scale and shift of the apply pass and the running-stat update. The
+// per-channel tensors are read and updated in their own dtype param_t (see direct_param_dtype).
+template <typename acc_t, typename param_t>
 struct StatsFinalize {
-  const acc_t* weight;   // nullable: w = 1
-  acc_t* running_mean;   // nullable
-  acc_t* running_var;    // nullable
+  const param_t* weight;   // nullable: w = 1
+  const param_t* bias;     // nullable: b = 0, and shift is not written
+  param_t* running_mean;   // nullable
+  param_t* running_var;    // nullable
   acc_t* save_mean;
   acc_t* save_invstd;
   acc_t* scale;
+  acc_t* shift;
   acc_t n;
   acc_t eps;
   acc_t momentum;
@@ -78,12 +81,15 @@ struct StatsFinalize {
     const acc_t invstd = acc_t(1) / sqrt(var + eps);
     save_mean[c] = mean;
     save_invstd[c] = invstd;
-    scale[c] = (weight != nullptr ? weight[c] : acc_t(1)) * invstd;
+    scale[c] = (weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1)) * invstd;
+    if (bias != nullptr) shift[c] = static_cast<acc_t>(bias[c]);
     if (running_mean != nullptr) {
-      running_mean[c] = (acc_t(1) - momentum) * running_mean[c] + momentum * mean;
+      running_mean[c] =
+          static_cast<param_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_mean[c]) + momentum * mean);
     }
     if (running_var != nullptr) {
-      running_var[c] = (acc_t(1) - momentum) * running_var[c] + momentum * var * n / (n - acc_t(1));
+      running_var[c] = static_cast<param_t>((acc_t(1) - momentum) * static_cast<acc_t>(running_var[c]) +
+                                            momentum * var * n / (n - acc_t(1)));
     }
   }
 };
@@ -154,25 +160,25 @@ struct BackwardSumsVec {
   }
 };
 
-// Per channel: grad_weight/grad_bias and the coefficients [mean | a | k1 | m2] of
+// Per channel: grad_weight/grad_bias (in param_t) and the coefficients [mean | a | k1 | m2] of
 // grad_input = (g - k1 - (x - mean)*m2) * a,  a = invstd*w, k1 = sum_g/n, m2 = invstd*sum_gx/n.
-template <typename acc_t>
+template <typename acc_t, typename param_t>
 struct BackwardFinalize {
-  const acc_t* weight;  // nullable: w = 1
+  const param_t* weight;  // nullable: w = 1
   const acc_t* mean;
   const acc_t* invstd;
-  acc_t* grad_weight;   // nullable
-  acc_t* grad_bias;     // nullable
-  acc_t* coef;          // nullable: grad_input not requested
+  param_t* grad_weight;   // nullable
+  param_t* grad_bias;     // nullable
+  acc_t* coef;            // nullable: grad_input not requested
   int64_t channels;
   acc_t n;
 
   __device__ void operator()(int64_t c, const Sum2<acc_t>& s) const {
-    if (grad_weight != nullptr) grad_weight[c] = s.b;
-    if (grad_bias != nullptr) grad_bias[c] = s.a;
+    if (grad_weight != nullptr) grad_weight[c] = static_cast<param_t>(s.b);
+    if (grad_bias != nullptr) grad_bias[c] = static_cast<param_t>(s.a);
     if (coef != nullptr) {
       coef[c] = mean[c];
-      coef[channels + c] = invstd[c] * (weight != nullptr ? weight[c] : acc_t(1));
+      coef[channels + c] = invstd[c] * (weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1));
       coef[2 * channels + c] = s.a / n;
       coef[3 * channels + c] = invstd[c] * s.b / n;
     }
@@ -182,6 +188,34 @@ struct BackwardFinalize {
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// The dtype in which the finalisers can read and update the per-channel tensors `ts` directly: their common
+// dtype when it is x's or the accumulation dtype and each is contiguous (a model cast to bf16, or fp32
+// parameters under autocast); the accumulation dtype when none is given. Otherwise nullopt, and they go through
+// accumulation-dtype copies: at most four conversion launches and two copies back per call, which cost more
+// host time than the statistics kernels themselves at small activations.
+std::optional<at::ScalarType> direct_param_dtype(const at::Tensor& x, at::ScalarType acc_dtype,
+                                                 std::initializer_list<const std::optional<at::Tensor>*> ts) {
+  std::optional<at::ScalarType> common;
+  for (const auto* t : ts) {
+    if (!present(*t)) continue;
+    if (!(*t)->is_contiguous() || (common && *common != (*t)->scalar_type())) return std::nullopt;
+    common = (*t)->scalar_type();
+  }
+  if (!common) return acc_dtype;
+  if (*common == acc_dtype || *common == x.scalar_type()) return common;
+  return std::nullopt;
+}
+
+// Runs fn(param_t{}) with param_t = scalar_t when dtype is x's, else acc_t (dtype is one of the two).
+template <typename scalar_t, typename acc_t, typename Fn>
+void with_param_type(at::ScalarType dtype, at::ScalarType x_dtype, Fn&& fn) {
+  if (dtype == x_dtype) {
+    fn(scalar_t{});
+  } else {
+    fn(acc_t{});
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cuda(
@@ -202,38 +236,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cuda(
     return {out, at::zeros({C}, acc_opts), at::zeros({C}, acc_opts)};
   }
   const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
-  const at::Tensor w = present(weight) ? as_channel_vector(*weight, acc_dtype) : at::Tensor();
-  const at::Tensor b = present(bias) ? as_channel_vector(*bias, acc_dtype) : at::Tensor();
-  // The finaliser updates running stats in the accumulation dtype; stats of another dtype (or strided) go through
-  // a temporary that is copied back on the stream afterwards.
-  at::Tensor rm = present(running_mean) ? as_channel_vector(*running_mean, acc_dtype) : at::Tensor();
-  at::Tensor rv = present(running_var) ? as_channel_vector(*running_var, acc_dtype) : at::Tensor();
+  const std::optional<at::ScalarType> direct =
+      direct_param_dtype(x, acc_dtype, {&weight, &bias, &running_mean, &running_var});
+  const at::ScalarType pdtype = direct ? *direct : acc_dtype;
+  auto param = [&](const std::optional<at::Tensor>& t) {
+    return present(t) ? (direct ? *t : as_channel_vector(*t, acc_dtype)) : at::Tensor();
+  };
+  const at::Tensor w = param(weight);
+  const at::Tensor b = param(bias);
+  // Without a direct dtype the finaliser updates accumulation-dtype copies, copied back afterwards.
+  at::Tensor rm = param(running_mean);
+  at::Tensor rv = param(running_var);
 
   at::Tensor save_mean = at::empty({C}, acc_opts);
   at::Tensor save_invstd = at::empty({C}, acc_opts);
-  at::Tensor scale = at::empty({C}, acc_opts);
+  at::Tensor scale_shift = at::empty({2, C}, acc_opts);  // the apply pass's scale and shift, one allocation
 
   RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const double n = static_cast<double>(v.per_channel());
-    const StatsFinalize<acc_t> fin{ptr_or_null<acc_t>(w),
-                                   ptr_or_null<acc_t>(rm),
-                                   ptr_or_null<acc_t>(rv),
-                                   save_mean.data_ptr<acc_t>(),
-                                   save_invstd.data_ptr<acc_t>(),
-                                   scale.data_ptr<acc_t>(),
-                                   static_cast<acc_t>(n),
-                                   static_cast<acc_t>(eps),
-                                   static_cast<acc_t>(momentum)};
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    if (cl_vec_reduce_ok<scalar_t>(v, {xp})) {
-      reduce_per_channel_cl_vec(v, x, PushInputVec<scalar_t, acc_t>{xp}, fin);
-    } else {
-      reduce_per_channel<Welford<acc_t>>(v, x, PushInput<scalar_t, acc_t>{xp}, fin);
-    }
-    launch_affine_act<scalar_t, acc_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                       save_mean.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), ptr_or_null<acc_t>(b),
-                                       ptr_or_null<scalar_t>(res), relu);
+    with_param_type<scalar_t, acc_t>(pdtype, x.scalar_type(), [&](auto param_tag) {
+      using param_t = decltype(param_tag);
+      acc_t* scale = scale_shift.data_ptr<acc_t>();
+      acc_t* shift = b.defined() ? scale + C : nullptr;
+      const StatsFinalize<acc_t, param_t> fin{ptr_or_null<param_t>(w),
+                                              ptr_or_null<param_t>(b),
+                                              ptr_or_null<param_t>(rm),
+                                              ptr_or_null<param_t>(rv),
+                                              save_mean.data_ptr<acc_t>(),
+                                              save_invstd.data_ptr<acc_t>(),
+                                              scale,
+                                              shift,
+                                              static_cast<acc_t>(static_cast<double>(v.per_channel())),
+                                              static_cast<acc_t>(eps),
+                                              static_cast<acc_t>(momentum)};
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      if (cl_vec_reduce_ok<scalar_t>(v, {xp})) {
+        reduce_per_channel_cl_vec(v, x, PushInputVec<scalar_t, acc_t>{xp}, fin);
+      } else {
+        reduce_per_channel<Welford<acc_t>>(v, x, PushInput<scalar_t, acc_t>{xp}, fin);
+      }
+      launch_affine_act<scalar_t, acc_t>(v, xp, out.data_ptr<scalar_t>(), save_mean.data_ptr<acc_t>(), scale,
+                                         shift, ptr_or_null<scalar_t>(res), relu);
+    });
   });
 
   if (rm.defined() && !rm.is_same(*running_mean)) running_mean->copy_(rm);
@@ -266,9 +310,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   const bool need_sums = output_mask[0] || output_mask[1] || output_mask[2];
   const at::Tensor mean = as_channel_vector(save_mean, acc_dtype);
   const at::Tensor invstd = as_channel_vector(save_invstd, acc_dtype);
-  const at::Tensor w = present(weight) ? as_channel_vector(*weight, acc_dtype) : at::Tensor();
-  const at::Tensor gw = output_mask[1] ? at::empty({C}, acc_opts) : at::Tensor();
-  const at::Tensor gb = output_mask[2] ? at::empty({C}, acc_opts) : at::Tensor();
+  // grad_weight / grad_bias are written straight into the outputs (dtype pdtype) when the finaliser can read
+  // the weight in that dtype; otherwise through accumulation-dtype temporaries.
+  std::optional<at::ScalarType> direct = direct_param_dtype(x, acc_dtype, {&weight});
+  if (direct && *direct != pdtype) direct = std::nullopt;  // no weight, and pdtype (fp32) is not usable here
+  const at::ScalarType kernel_pdtype = direct ? pdtype : acc_dtype;
+  const at::Tensor w = present(weight) ? (direct ? *weight : as_channel_vector(*weight, acc_dtype)) : at::Tensor();
+  const auto kernel_param = [&](bool wanted, const at::Tensor& output) {
+    return !wanted ? at::Tensor() : (direct ? output : at::empty({C}, acc_opts));
+  };
+  const at::Tensor gw = kernel_param(output_mask[1], grad_weight);
+  const at::Tensor gb = kernel_param(output_mask[2], grad_bias);
   const at::Tensor coef = output_mask[0] ? at::empty({4 * C}, acc_opts) : at::Tensor();
 
   RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_cuda", [&] {
@@ -277,21 +329,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const scalar_t* gp = go.data_ptr<scalar_t>();
     const scalar_t* op = ptr_or_null<scalar_t>(o);
     if (need_sums) {
-      const BackwardSums<scalar_t, acc_t> sums{gp, op, xp, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>()};
-      const BackwardFinalize<acc_t> fin{ptr_or_null<acc_t>(w),
-                                        mean.data_ptr<acc_t>(),
-                                        invstd.data_ptr<acc_t>(),
-                                        ptr_or_null<acc_t>(gw),
-                                        ptr_or_null<acc_t>(gb),
-                                        ptr_or_null<acc_t>(coef),
-                                        C,
-                                        static_cast<acc_t>(static_cast<double>(v.per_channel()))};
-      if (cl_vec_reduce_ok<scalar_t>(v, {gp, op, xp})) {
-        const BackwardSumsVec<scalar_t, acc_t> vsums{gp, op, xp, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>()};
-        reduce_per_channel_cl_vec(v, x, vsums, fin);
-      } else {
-        reduce_per_channel<Sum2<acc_t>>(v, x, sums, fin);
-      }
+      with_param_type<scalar_t, acc_t>(kernel_pdtype, x.scalar_type(), [&](auto param_tag) {
+        using param_t = decltype(param_tag);
+        const BackwardFinalize<acc_t, param_t> fin{ptr_or_null<param_t>(w),
+                                                   mean.data_ptr<acc_t>(),
+                                                   invstd.data_ptr<acc_t>(),
+                                                   ptr_or_null<param_t>(gw),
+                                                   ptr_or_null<param_t>(gb),
+                                                   ptr_or_null<acc_t>(coef),
+                                                   C,
+                                                   static_cast<acc_t>(static_cast<double>(v.per_channel()))};
+        if (cl_vec_reduce_ok<scalar_t>(v, {gp, op, xp})) {
+          const BackwardSumsVec<scalar_t, acc_t> vsums{gp, op, xp, mean.data_ptr<acc_t>(),
+                                                       invstd.data_ptr<acc_t>()};
+          reduce_per_channel_cl_vec(v, x, vsums, fin);
+        } else {
+          const BackwardSums<scalar_t, acc_t> sums{gp, op, xp, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>()};
+          reduce_per_channel<Sum2<acc_t>>(v, x, sums, fin);
+        }
+      });
     }
     if (output_mask[0] || output_mask[3]) {
       launch_backward_elementwise<scalar_t, acc_t>(v, gp, op, xp, ptr_or_null<acc_t>(coef),
@@ -300,8 +356,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     }
   });
 
-  if (output_mask[1]) grad_weight = gw.to(pdtype);
-  if (output_mask[2]) grad_bias = gb.to(pdtype);
+  if (output_mask[1] && !direct) grad_weight = gw.to(pdtype);
+  if (output_mask[2] && !direct) grad_bias = gb.to(pdtype);
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
