@@ -102,7 +102,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     csrc = os.path.join(ROOT, "csrc")
-    sources = [os.path.join(csrc, "resfuse.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp"))) + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
 
     if _env_flag("RESFUSE_NO_CUDA"):

@@ -78,6 +78,36 @@ def test_forward_backward_running_stats(backend, layout, shape, variant):
             torch.testing.assert_close(case[name].grad.double(), ref_inputs[name].grad.double(), rtol=1e-4, atol=1e-5)
 
 
+# Which of (x, weight, bias, residual) are given and which require grad: the autograd kernels map each given
+# tensor to its gradient, whatever is left out before it (the C++ one counts only the tensors given).
+GRAD_PATTERNS = [
+    dict(weight=None, bias=True, residual=True, needs=("bias", "residual")),
+    dict(weight=True, bias=None, residual=True, needs=("x", "residual")),
+    dict(weight=None, bias=None, residual=True, needs=("residual",)),
+    dict(weight=True, bias=True, residual=None, needs=("weight",)),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("pattern", GRAD_PATTERNS, ids=lambda p: "needs_" + "_".join(p["needs"]))
+def test_gradients_of_partial_inputs(backend, pattern):
+    shape, c = (2, 4, 3, 5), 4
+    given = dict(x=randn(*shape, seed=1), weight=torch.rand(c) + 0.5 if pattern["weight"] else None,
+                 bias=randn(c, seed=2) if pattern["bias"] else None,
+                 residual=randn(*shape, seed=3) if pattern["residual"] else None)
+    for name in pattern["needs"]:
+        given[name].requires_grad_(True)
+    ref = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in given.items()}
+    out = resfuse.ops.bn_act(**given, relu=True, backend=backend)
+    expected = reference(**ref, running_mean=None, running_var=None, momentum=0.1, eps=1e-5, relu=True)[0]
+    grad = randn(*shape, seed=9)
+    wanted = [given[n] for n in pattern["needs"]]
+    ours = torch.autograd.grad(out, wanted, grad)
+    theirs = torch.autograd.grad(expected, [ref[n] for n in pattern["needs"]], grad.double())
+    for name, a, e in zip(pattern["needs"], ours, theirs):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_twice_torch_error(backend, dtype):

@@ -7,6 +7,8 @@ Autograd is an ``Autograd``-key kernel (what torchvision registers in C++), not 
 refuses ops that mutate an input; ``bn_act`` mutates the running statistics, which are not differentiable.
 The same kernel bumps the mutated buffers' version counters, which the dispatcher does not do for ops
 defined outside ``custom_op``: the cached eval-mode BN fold (resfuse/nn/fold.py) relies on them.
+The C++ ``bn_act``'s autograd kernel is the same formula written in C++ (csrc/bn_act_autograd.cpp), for the
+host time of a training step; only its fake kernels are registered here.
 """
 from __future__ import annotations
 
@@ -83,8 +85,11 @@ def _register_autograd_kernel(name: str, setup_context: Callable, backward: Call
     _lib.impl(name, autograd_kernel, "Autograd")
 
 
-def register_bn_act(name: str, backward_name: str) -> None:
-    """Fake kernels + autograd for one bn_act flavour (``resfuse::<name>`` and its backward op)."""
+def register_bn_act(name: str, backward_name: str, autograd: bool = True) -> None:
+    """Fake kernels + autograd for one bn_act flavour (``resfuse::<name>`` and its backward op).
+
+    ``autograd=False``: the op's autograd kernel is registered elsewhere (the C++ flavour's, in
+    csrc/bn_act_autograd.cpp, with this module's formula and version-counter bump)."""
     backward_op = getattr(torch.ops.resfuse, backward_name).default
 
     @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
@@ -117,7 +122,8 @@ def register_bn_act(name: str, backward_name: str) -> None:
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 gr if mask[3] else None, None, None, None, None, None)
 
-    _register_autograd_kernel(name, setup_context, backward, mutated=(4, 5))
+    if autograd:
+        _register_autograd_kernel(name, setup_context, backward, mutated=(4, 5))
 
 
 def register_conv_bn_act(name: str, backward_name: str) -> None:

@@ -39,7 +39,8 @@ _autograd.define_triton_op("bn_act_triton", _SCHEMA, bn_act_triton)
 _autograd.define_triton_op("_bn_act_backward_triton", _BACKWARD_SCHEMA, _bn_act_backward_triton)
 _autograd.register_bn_act("bn_act_triton", "_bn_act_backward_triton")
 if _loader.extension is not None:
-    _autograd.register_bn_act("bn_act", "_bn_act_backward")
+    # Its autograd kernel is C++ (csrc/bn_act_autograd.cpp): less host time per training step.
+    _autograd.register_bn_act("bn_act", "_bn_act_backward", autograd=False)
 
 
 def bn_act(
