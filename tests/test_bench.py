@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from resfuse.bench import cases, cli, counting, report, shapes
+from resfuse.bench import cases, cli, counting, report, shapes, timing
 
 # the names RESULTS.md allows
 RESULT_PROVIDERS = {"eager", "compile", "compile_freezing", "cudnn_fused", "resfuse_cuda", "resfuse_triton",
@@ -67,6 +67,7 @@ def test_json_schema(run):
         assert r["median_ms"] > 0 and r["dtype"] == "fp32" and r["layout"] == "channels_last"
         assert r["rel_err"] is not None and r["rel_err"] < 1e-3, r
         assert r["tflops"] > 0 and r["gbps"] > 0 and r["roofline_frac"] > 0 and r["bound"] in ("compute", "memory")
+        assert "peak_mib" in r and r["peak_mib"] is None  # GPU only
     # every comparison has its eager baseline, and bn_act rows are memory-bound, conv rows compute-bound
     assert {(r["bench"], r["mode"]) for r in records if r["provider"] == "eager"} == \
         {(r["bench"], r["mode"]) for r in records}
@@ -94,6 +95,19 @@ def test_plots_written(run):
         png = run["out"] / f"{run['stem']}-{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png.name})" in run["md"].read_text()
+
+
+@pytest.mark.cuda
+def test_peak_bytes_counts_what_one_call_allocates():
+    device = torch.device("cuda")
+    resident = torch.ones(64 << 20, dtype=torch.uint8, device=device)  # allocated before: not counted
+
+    def step():
+        scratch = torch.ones(32 << 20, dtype=torch.uint8, device=device)  # freed when the call returns: counted
+        return (scratch.sum() + resident[0]).item()
+
+    peak = timing.peak_bytes(step, device)
+    assert 32 << 20 <= peak < 40 << 20, peak
 
 
 def test_provider_names_are_the_results_names():

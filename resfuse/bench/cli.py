@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from . import cases, shapes, timing
-from .records import achieved, comparison_key, fmt_ms, provider_label, speedups
+from .records import achieved, comparison_key, fmt_mib, fmt_ms, provider_label, speedups
 from .cases import BENCH_MODES, DTYPES, LAYOUTS, PROVIDERS, Unavailable
 
 BENCH_CHOICES = ("conv_bn_act", "bn_act", "basicblock", "bottleneck", "models")
@@ -254,6 +254,7 @@ def make_record(problem: cases.Problem, provider: str, result: timing.Timing, er
         "roofline_frac": _sig(max(t_compute, t_memory) / seconds, 3),
         "compile_s": round(result.first_call_s, 2) if runner.compiles else None,
         "repeats": result.repeats, "backend": runner.backend,
+        "peak_mib": None if result.peak_bytes is None else _sig(result.peak_bytes / 2**20),
     })
     if problem.kind == "model":
         record["img_s"] = _sig(problem.n / seconds)
@@ -316,7 +317,7 @@ def result_stem(meta: dict, tag: Optional[str]) -> str:
 
 def text_table(records: list[dict]) -> str:
     header = ["bench", "mode", "stage", "N", "provider", "ms", "vs eager", "rel_err", "achieved", "roofline",
-              "compile s"]
+              "peak MiB", "compile s"]
     up = speedups(records)
     rows, previous = [], None
     for r in records:
@@ -329,9 +330,10 @@ def text_table(records: list[dict]) -> str:
                      fmt_ms(r["median_ms"]) + (f" ({r['img_s']:.0f} img/s)" if r.get("img_s") else ""),
                      f"{s:.2f}x" if s else "-",
                      "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}", achieved(r),
-                     f"{100 * r['roofline_frac']:.0f}%", "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"])
+                     f"{100 * r['roofline_frac']:.0f}%", fmt_mib(r.get("peak_mib")),
+                     "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    right = {3, 5, 6, 7, 8, 9, 10}
+    right = {3, 5, 6, 7, 8, 9, 10, 11}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))

@@ -24,6 +24,11 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:.4f}" if ms < 1 else f"{ms:.3f}" if ms < 100 else f"{ms:.1f}"
 
 
+def fmt_mib(mib) -> str:
+    """Peak memory of a row in MiB; '-' where none was measured (CPU runs, files written before it was)."""
+    return "-" if mib is None else f"{mib:.0f}" if mib >= 10 else f"{mib:.2g}"
+
+
 def achieved(record: dict) -> str:
     """GB/s for memory-bound rows, TFLOP/s for compute-bound ones (the roofline's binding ceiling)."""
     if record.get("bound") == "memory":

@@ -13,7 +13,8 @@ import os
 import sys
 from typing import Optional
 
-from .records import PROVIDER_ORDER, achieved, fmt_ms, group_of, provider_label, row_label, speedups
+from .records import (PROVIDER_ORDER, achieved, fmt_mib, fmt_ms, group_of, provider_label, row_label,
+                      speedups)
 
 def _providers(records: list[dict]) -> list[str]:
     present = {r["provider"] for r in records}
@@ -61,8 +62,10 @@ def render_markdown(json_path: str) -> str:
     lines += ["", "Median of timed repetitions after warm-up; speedup = eager's median / the provider's, timed in "
               "the same run; rel_err = ||out - ref|| / ||ref|| against the fp32 eager reference on the same input "
               "(train: the largest over the output and the input gradients; models: the logits); roofline = the "
-              "time the measured ceilings allow for the row's FLOPs and bytes / the measured time; compile s = "
-              "the first call (compilation, autotuning). Method: `benchmarks/README.md`.", ""]
+              "time the measured ceilings allow for the row's FLOPs and bytes / the measured time; peak MiB = the "
+              "most one call allocates on the GPU above what is resident before it (files from before this "
+              "column show '-'); compile s = the first call (compilation, autotuning). Method: "
+              "`benchmarks/README.md`.", ""]
 
     up = speedups(records)
     for (group, mode), rows in _sections(records).items():
@@ -95,10 +98,11 @@ def render_markdown(json_path: str) -> str:
                            fmt_ms(r["median_ms"]) + extra, f"{s:.2f}x" if s else "-",
                            "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}", achieved(r),
                            f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") is not None else "-",
+                           fmt_mib(r.get("peak_mib")),
                            "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"])
         lines += ["<details><summary>detail</summary>", ""]
-        lines += _table(["stage", "provider", "ms", "vs eager", "rel_err", "achieved", "roofline", "compile s"],
-                        detail)
+        lines += _table(["stage", "provider", "ms", "vs eager", "rel_err", "achieved", "roofline", "peak MiB",
+                         "compile s"], detail)
         lines += ["", "</details>", ""]
 
     skipped = data.get("skipped", [])

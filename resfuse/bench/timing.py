@@ -29,6 +29,7 @@ class Timing:
     repeats: int
     first_call_s: float  # the first call, synchronised: compilation, autotuning, cuDNN set-up
     outputs: Any  # what the first call returned (compared with the reference)
+    peak_bytes: Optional[int] = None  # GPU: the most one call allocates above what is resident before it
 
 
 @dataclass
@@ -92,7 +93,21 @@ def time_fn(fn: Callable[[], Any], device: torch.device, budget: Budget) -> Timi
     repeats = budget.repeats or int(min(max(budget.target_s / max(per_call, 1e-6), budget.min_repeats),
                                         budget.max_repeats))
     times = _time_cuda(fn, repeats, device) if device.type == "cuda" else _time_cpu(fn, repeats)
-    return Timing(statistics.median(times), repeats, first_call_s, outputs)
+    peak = peak_bytes(fn, device) if device.type == "cuda" else None
+    return Timing(statistics.median(times), repeats, first_call_s, outputs, peak)
+
+
+def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory of one call of ``fn`` above what was allocated before it: its activations, saved tensors,
+    gradients and workspaces; not the parameters, inputs or optimizer state, which are resident already (the
+    call is made after the warm-up, so lazily created state exists). The caching allocator's own peak counter,
+    so it counts what the call asked for, not the pool the allocator keeps."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 @dataclass
