@@ -76,7 +76,12 @@ def _register_autograd_kernel(name: str, setup_context: Callable, backward: Call
             return backward(ctx, *grads)
 
     def autograd_kernel(*args):
-        output = _Function.apply(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            output = _Function.apply(*args)
+        else:
+            # Nothing to record (eval, or no_grad): the Function would only add host time to every call.
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*args)
         for index in mutated:
             if args[index] is not None:
                 torch.autograd.graph.increment_version(args[index])
