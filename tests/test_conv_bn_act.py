@@ -124,3 +124,74 @@ def test_opcheck(name, conv, with_extras):
     torch.library.opcheck(backward, (randn(*out.shape, seed=8).contiguous(memory_format=torch.channels_last),
                                      case["x"].detach(), case["weight"].detach(), out, *conv_args,
                                      case["relu"], mask))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backend="auto" on GPUs: cuDNN's fused conv + bias (+ add) + ReLU where it can run (resfuse/ops/cudnn_fused.py)
+
+
+def test_cudnn_fused_is_only_for_gpu_relu_no_grad_calls():
+    from resfuse.ops import cudnn_fused
+
+    x, w, b = randn(2, 4, 5, 5), randn(6, 4, 3, 3, seed=1), randn(6, seed=2)
+    assert cudnn_fused.unusable_reason(x, w, b, None, True) == "not a CUDA tensor"
+    if torch.cuda.is_available():
+        xc, wc, bc = x.cuda(), w.cuda(), b.cuda()
+        assert "ReLU" in cudnn_fused.unusable_reason(xc, wc, bc, None, relu=False)
+        assert "dtype" in cudnn_fused.unusable_reason(xc.double(), wc.double(), bc.double(), None, True)
+        assert "gradient" in cudnn_fused.unusable_reason(xc, wc.requires_grad_(), bc, None, True)
+        with torch.no_grad():
+            assert cudnn_fused.unusable_reason(xc, wc, bc, None, True) is None
+
+
+def test_cudnn_fused_remembers_a_refused_configuration(monkeypatch):
+    """A configuration cuDNN refuses is asked once, warned about once, and then left to resfuse's op."""
+    from resfuse.ops import cudnn_fused
+
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise RuntimeError("no engine for this configuration")
+
+    def fused(x, w, b, stride, padding, dilation, groups):  # a CPU stand-in with cuDNN's contract
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    monkeypatch.setattr(cudnn_fused, "_refused", set())
+    x = randn(2, 4, 6, 6, memory_format=torch.channels_last)
+    w, b = randn(5, 4, 3, 3, seed=1), randn(5, seed=2)
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", fused)
+    out = cudnn_fused.run(x, w, b, None, [1, 1], [1, 1], [1, 1], 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, reference(x, w, b, None, 1, 1, 1, 1, True)) < 1e-6
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", refuse)
+    with pytest.warns(UserWarning, match="cuDNN refused"):
+        assert cudnn_fused.run(x, w, b, None, [2, 2], [1, 1], [1, 1], 1) is None
+    assert cudnn_fused.run(x, w, b, None, [2, 2], [1, 1], [1, 1], 1) is None  # not asked again
+    assert len(calls) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("conv", CONVS[:4] + CONVS[5:6])
+def test_auto_on_gpu_matches_reference(conv, with_residual, dtype, monkeypatch):
+    """auto's eval path on a GPU (cuDNN's fused op where it runs, resfuse's op where it refuses) against
+    float64, and resfuse's op whenever a gradient is needed."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    x_shape, w_shape, stride, padding, dilation, groups = conv
+    x = randn(*x_shape, dtype=dtype, seed=1, memory_format=torch.channels_last, device="cuda")
+    w = randn(*w_shape, dtype=dtype, seed=2, device="cuda").contiguous(memory_format=torch.channels_last)
+    b = randn(w_shape[0], dtype=dtype, seed=3, device="cuda")
+    shape = out_shape(x_shape, w_shape, stride, padding, dilation)
+    r = randn(*shape, dtype=dtype, seed=4, device="cuda", memory_format=torch.channels_last) if with_residual else None
+    expected = reference(x, w, b, r, stride, padding, dilation, groups, True)
+    with torch.no_grad():
+        out = resfuse.ops.conv_bn_act(x, w, b, r, stride, padding, dilation, groups, True, backend="auto")
+    assert out.dtype == dtype and out.shape == shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+    w.requires_grad_(True)
+    out = resfuse.ops.conv_bn_act(x, w, b, r, stride, padding, dilation, groups, True, backend="auto")
+    assert out.grad_fn is not None  # resfuse's op, which has a backward
+    assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -15,7 +15,8 @@ from _helpers import randn, randomize_bn_, rel_err, resfuse
 
 pytestmark = pytest.mark.cuda
 
-GPU_BACKENDS = ["cuda", "triton"]
+# auto: in eval, cuDNN's fused conv where it runs (resfuse/ops/cudnn_fused.py); in training, the cuda backend
+GPU_BACKENDS = ["cuda", "triton", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ResNet-18 stages (identity blocks) and a downsampling block, at a batch that keeps the suite quick.
 STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -31,6 +32,8 @@ def no_tf32():
 
 
 def _available(backend):
+    if backend == "auto":  # always runs: on what it finds
+        return
     reason = resfuse.ops.backend.unavailable_reason(backend, torch.device("cuda"))
     if reason is not None:
         pytest.skip(reason)

@@ -476,6 +476,8 @@ def make_runner(problem: Problem, provider: str) -> Runner:
     elif provider.startswith("resfuse_"):
         name = provider[len("resfuse_"):]
         backend = _backend.resolve_backend(name, problem.device)
+        if name == "auto" and not problem.train and problem.device.type == "cuda" and problem.bench != "bn_act":
+            backend = f"cudnn+{backend}"  # convs followed by ReLU through cuDNN's fused op (ops/cudnn_fused.py)
         compiles = backend == "triton"
         if problem.bench == "conv_bn_act":
             fn = _ResfuseConvBNAct(module, name)

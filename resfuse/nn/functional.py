@@ -119,5 +119,7 @@ def conv_bn_act(
     if amp_dtype is not None:
         x = x.to(amp_dtype)
         residual = residual.to(amp_dtype) if residual is not None else None
+    # "auto" passes through: the op may then take cuDNN's fused conv (resfuse/ops/cudnn_fused.py).
+    requested = ops.backend.requested_backend(backend)
     return ops.conv_bn_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
-                           relu, backend=impl)
+                           relu, backend="auto" if requested == "auto" else impl)

@@ -7,6 +7,8 @@ Flavours: ``resfuse::conv_bn_act`` (C++) and ``resfuse::conv_bn_act_triton``; ba
 - Triton: one implicit-GEMM kernel over NHWC with the epilogue (bias, residual, ReLU) fused in.
 - C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output.
 Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
+``backend="auto"`` on a GPU first tries cuDNN's fused conv + bias (+ add) + ReLU (``cudnn_fused.py``), the
+fastest eval path measured, when no gradient is needed.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from torch import Tensor
 
 from .. import _loader
 from ..reference import conv_bn_act_ref, memory_format_of
-from . import _autograd
+from . import _autograd, cudnn_fused
 from ._checks import check_activation, check_channel_vector, check_like
-from .backend import resolve_backend
+from .backend import requested_backend, resolve_backend
 
 _SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, SymInt[2] padding, "
            "SymInt[2] dilation, SymInt groups, bool relu) -> Tensor")
@@ -92,6 +94,10 @@ def conv_bn_act(
         check_channel_vector(x.new_empty((1, weight.shape[0], 1, 1)), bias, "bias", allow_fp32=False)
     if residual is not None:
         check_like(x.new_empty(out_shape), residual, "residual")
+    if requested_backend(backend) == "auto" and cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
+        out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
+        if out is not None:
+            return out
     impl = resolve_backend(backend, x.device)
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
