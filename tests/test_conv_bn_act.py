@@ -1,4 +1,6 @@
 """resfuse.ops.conv_bn_act (eval-mode conv + folded BN + residual + ReLU) against F.conv2d, every backend."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +197,38 @@ def test_auto_on_gpu_matches_reference(conv, with_residual, dtype, monkeypatch):
     out = resfuse.ops.conv_bn_act(x, w, b, r, stride, padding, dilation, groups, True, backend="auto")
     assert out.grad_fn is not None  # resfuse's op, which has a backward
     assert rel_err(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_auto_blocks_take_the_cudnn_route_in_eval(monkeypatch):
+    """BasicBlock, Bottleneck (downsample included) and ConvBNReLU in eval under backend="auto" hand every conv
+    followed by ReLU to cudnn_fused, and nothing else; checked on CPU with a stand-in for cuDNN."""
+    from torchvision.models import resnet as tv
+
+    from _helpers import randomize_bn_
+    from resfuse.ops import cudnn_fused
+
+    routed = []
+
+    def stand_in(x, weight, bias, residual, stride, padding, dilation, groups):
+        routed.append(residual is not None)
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return torch.relu(y if residual is None else y + residual)
+
+    monkeypatch.setattr(cudnn_fused, "_device_reason", lambda x: None)  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(cudnn_fused, "run", stand_in)
+    ds = torch.nn.Sequential(tv.conv1x1(16, 32, 2), torch.nn.BatchNorm2d(32))
+    cases = [(tv.BasicBlock(8, 8), (2, 8, 6, 6), [False, True]),
+             (tv.Bottleneck(16, 8, 2, ds), (2, 16, 8, 8), [False, False, True]),
+             (resfuse.ConvBNReLU(8, 4, 3, padding=1, backend="reference"), (2, 8, 6, 6), [False])]
+    for module, shape, expected in cases:
+        theirs = randomize_bn_(module).eval()
+        ours = copy.deepcopy(theirs)
+        if isinstance(ours, resfuse.ConvBNReLU):
+            ours.backend = "auto"
+        else:
+            ours = resfuse.convert(ours, backend="auto")
+        x = randn(*shape)
+        routed.clear()
+        with torch.no_grad():
+            assert rel_err(ours(x), theirs(x)) < 1e-5
+        assert routed == expected, type(module).__name__  # the downsample (no ReLU) is resfuse's op

@@ -22,9 +22,16 @@ def _shortcut(block: nn.Module, x: Tensor, backend: str) -> Tensor:
     return downsample(x)
 
 
-def _block_backend(block: nn.Module, x: Tensor) -> str:
+def _block_backend(block: nn.Module, x: Tensor) -> Optional[str]:
+    """The backend the block's ops get, or None for torchvision's own forward (the reference backend). A named
+    backend is checked available here; "auto" passes through, since the ops decide per call (eval convs may
+    take cuDNN's fused op: resfuse/ops/cudnn_fused.py)."""
     check_block_input(x, block.conv1)
-    return ops.resolve_backend(getattr(block, "backend", None), x.device)
+    requested = ops.backend.requested_backend(getattr(block, "backend", None))
+    resolved = ops.resolve_backend(requested, x.device)
+    if resolved == "reference":
+        return None
+    return requested if requested == "auto" else resolved
 
 
 class BasicBlock(reference.BasicBlock):
@@ -48,7 +55,7 @@ class BasicBlock(reference.BasicBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         backend = _block_backend(self, x)
-        if backend == "reference":
+        if backend is None:
             return super().forward(x)
         identity = _shortcut(self, x, backend)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=backend)
@@ -76,7 +83,7 @@ class Bottleneck(reference.Bottleneck):
 
     def forward(self, x: Tensor) -> Tensor:
         backend = _block_backend(self, x)
-        if backend == "reference":
+        if backend is None:
             return super().forward(x)
         identity = _shortcut(self, x, backend)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=backend)

@@ -20,21 +20,29 @@ def check_activation(x: Tensor, what: str = "input") -> None:
 
 def check_like(x: Tensor, other: Optional[Tensor], what: str) -> None:
     """``other`` (a residual) must match ``x`` in shape, dtype and device."""
+    check_matches(other, tuple(x.shape), x.dtype, x.device, what)
+
+
+def check_matches(other: Optional[Tensor], shape: tuple, dtype: torch.dtype, device: torch.device,
+                  what: str) -> None:
+    """``other`` must have this shape, dtype and device (the output's, for a residual)."""
     if other is None:
         return
-    if other.device != x.device:
-        raise RuntimeError(f"{what} is on {other.device} but the input is on {x.device}")
-    if tuple(other.shape) != tuple(x.shape):
-        raise ValueError(f"{what} must have the output's shape {tuple(x.shape)}, got {tuple(other.shape)}")
-    if other.dtype != x.dtype:
-        raise RuntimeError(f"{what} has dtype {other.dtype} but the input has dtype {x.dtype}")
+    if other.device != device:
+        raise RuntimeError(f"{what} is on {other.device} but the input is on {device}")
+    if tuple(other.shape) != tuple(shape):
+        raise ValueError(f"{what} must have the output's shape {tuple(shape)}, got {tuple(other.shape)}")
+    if other.dtype != dtype:
+        raise RuntimeError(f"{what} has dtype {other.dtype} but the input has dtype {dtype}")
 
 
-def check_channel_vector(x: Tensor, v: Optional[Tensor], what: str, allow_fp32: bool = True) -> None:
-    """Per-channel parameters: shape [C], same device, the input's dtype (or fp32 for BN's mixed precision)."""
+def check_channel_vector(x: Tensor, v: Optional[Tensor], what: str, allow_fp32: bool = True,
+                         channels: Optional[int] = None) -> None:
+    """Per-channel parameters: shape [C], same device, the input's dtype (or fp32 for BN's mixed precision).
+    ``channels``: C when it is not x's (a conv's output channels)."""
     if v is None:
         return
-    channels = x.shape[1]
+    channels = x.shape[1] if channels is None else channels
     if v.device != x.device:
         raise RuntimeError(f"{what} is on {v.device} but the input is on {x.device}")
     if v.dim() != 1 or v.shape[0] != channels:

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _loader
 from ..reference import conv_bn_act_ref, memory_format_of
 from . import _autograd, cudnn_fused
-from ._checks import check_activation, check_channel_vector, check_like
+from ._checks import check_activation, check_channel_vector, check_matches
 from .backend import requested_backend, resolve_backend
 
 _SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, SymInt[2] padding, "
@@ -90,10 +90,8 @@ def conv_bn_act(
                          f"(input shape {tuple(x.shape)})")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     out_shape = _autograd.conv_output_shape(x, weight, stride, padding, dilation)
-    if bias is not None:
-        check_channel_vector(x.new_empty((1, weight.shape[0], 1, 1)), bias, "bias", allow_fp32=False)
-    if residual is not None:
-        check_like(x.new_empty(out_shape), residual, "residual")
+    check_channel_vector(x, bias, "bias", allow_fp32=False, channels=weight.shape[0])
+    check_matches(residual, out_shape, x.dtype, x.device, "residual")
     if requested_backend(backend) == "auto" and cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
         out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
         if out is not None:

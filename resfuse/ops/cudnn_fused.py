@@ -28,17 +28,24 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _refused: set = set()
 
 
-def unusable_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-                    relu: bool) -> Optional[str]:
-    """Why this call cannot take cuDNN's fused convolution (None: it can try)."""
+def _device_reason(x: Tensor) -> Optional[str]:
     if not x.is_cuda:
         return "not a CUDA tensor"
     if x.dtype not in _DTYPES:
         return f"{x.dtype} is not one of cuDNN's fused-convolution dtypes"
-    if not relu:
-        return "no ReLU: torch has no fused conv + bias without one"
     if not (torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled):
         return "cuDNN is not available or disabled"
+    return None
+
+
+def unusable_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                    relu: bool) -> Optional[str]:
+    """Why this call cannot take cuDNN's fused convolution (None: it can try)."""
+    reason = _device_reason(x)
+    if reason is not None:
+        return reason
+    if not relu:
+        return "no ReLU: torch has no fused conv + bias without one"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         return "a gradient is needed, and cuDNN's fused ops have no autograd formula"
     if torch.compiler.is_compiling():
