@@ -113,11 +113,12 @@ def _configs(fp64: bool):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    # out_dtype named: tl.dot's default is fp32, and triton 3.6 rejects an fp64 accumulator against it.
     if USE_INPUT_PRECISION:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     else:
-        acc = tl.dot(a, b, acc, allow_tf32=DOT_PRECISION == "tf32")
+        acc = tl.dot(a, b, acc, allow_tf32=DOT_PRECISION == "tf32", out_dtype=ACC)
     return acc
 
 
@@ -196,7 +197,7 @@ def _conv_bn_act_kernel(
             a = tl.load(x_img[:, None] + ((ih * W + iw) * C_in + ci[None, :]), mask=a_mask, other=0.0)
             b = tl.load(w_ptr + (kk[:, None] * C_out + offs_n[None, :]),
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, DOT_PRECISION, USE_INPUT_PRECISION)
+            acc = _mma(a, b, acc, DOT_PRECISION, USE_INPUT_PRECISION, ACC)
     else:
         n_cblk = tl.cdiv(c_len, BLOCK_K)
         for step in range(0, KH * KW * n_cblk):
@@ -225,7 +226,7 @@ def _conv_bn_act_kernel(
                 w_rows = tap * C_in + offs_c
                 b_mask = c_mask[:, None] & n_mask[None, :]
             b = tl.load(w_ptr + (w_rows[:, None] * C_out + offs_n[None, :]), mask=b_mask, other=0.0)
-            acc = _mma(a, b, acc, DOT_PRECISION, USE_INPUT_PRECISION)
+            acc = _mma(a, b, acc, DOT_PRECISION, USE_INPUT_PRECISION, ACC)
 
     # ---- epilogue: bias, residual, ReLU, one store
     if HAS_BIAS:
