@@ -9,6 +9,8 @@
 // Like the Python kernel, this one bumps the version counters of the running statistics it updates in place:
 // the dispatcher does not for ops defined outside torch.library's custom_op, and the cached eval-mode BN fold
 // (resfuse/nn/fold.py) relies on them.
+#include "common.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -43,8 +45,6 @@ const c10::TypedOperatorHandle<BnActBackwardSignature>& bn_act_backward_op() {
                              .typed<BnActBackwardSignature>();
   return op;
 }
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 class BnActFunction : public torch::autograd::Function<BnActFunction> {
  public:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops._autograd import grad_needed
 from ..reference import fold_bn_ref
 
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -46,7 +47,7 @@ def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False,
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if torch.compiler.is_compiling():
         return _fold(conv, bn, dtype)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+    if grad_needed(*sources):
         return _fold(conv, bn, dtype)
     try:
         key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm, dtype,

@@ -96,7 +96,8 @@ def conv_bn_act(
     """``act(bn(conv(x)) + residual)`` with fused kernels; ``backend`` as in ``resfuse.ops``."""
     check_block_input(x, conv)
     reason = unsupported_reason(conv, bn)
-    impl = ops.resolve_backend(backend, x.device)
+    requested = ops.backend.requested_backend(backend)
+    impl = ops.resolve_backend(requested, x.device)
     if impl == "reference" or reason is not None:
         if reason is not None:
             warn_reference_once(reason)
@@ -120,6 +121,5 @@ def conv_bn_act(
         x = x.to(amp_dtype)
         residual = residual.to(amp_dtype) if residual is not None else None
     # "auto" passes through: the op may then take cuDNN's fused conv (resfuse/ops/cudnn_fused.py).
-    requested = ops.backend.requested_backend(backend)
     return ops.conv_bn_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
                            relu, backend="auto" if requested == "auto" else impl)

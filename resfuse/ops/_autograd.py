@@ -20,6 +20,11 @@ from torch import Tensor
 from ..reference import memory_format_of, stats_dtype
 
 
+def grad_needed(*values) -> bool:
+    """Whether autograd would record a call on ``values`` (non-tensors and None are skipped)."""
+    return torch.is_grad_enabled() and any(isinstance(v, Tensor) and v.requires_grad for v in values)
+
+
 def empty_activation(x: Tensor, shape=None) -> Tensor:
     fmt = memory_format_of(x)
     shape = x.shape if shape is None else shape
@@ -76,7 +81,7 @@ def _register_autograd_kernel(name: str, setup_context: Callable, backward: Call
             return backward(ctx, *grads)
 
     def autograd_kernel(*args):
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        if grad_needed(*args):
             output = _Function.apply(*args)
         else:
             # Nothing to record (eval, or no_grad): the Function would only add host time to every call.

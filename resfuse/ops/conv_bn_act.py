@@ -92,11 +92,12 @@ def conv_bn_act(
     out_shape = _autograd.conv_output_shape(x, weight, stride, padding, dilation)
     check_channel_vector(x, bias, "bias", allow_fp32=False, channels=weight.shape[0])
     check_matches(residual, out_shape, x.dtype, x.device, "residual")
-    if requested_backend(backend) == "auto" and cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
+    requested = requested_backend(backend)
+    if requested == "auto" and cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
         out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
         if out is not None:
             return out
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(requested, x.device)
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     op = torch.ops.resfuse.conv_bn_act if impl == "cuda" else torch.ops.resfuse.conv_bn_act_triton

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..reference import memory_format_of
+from ._autograd import grad_needed
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # configurations cuDNN refused: (device, dtype, layout, weight shape, stride, padding, dilation, groups, residual)
@@ -46,7 +47,7 @@ def unusable_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
         return reason
     if not relu:
         return "no ReLU: torch has no fused conv + bias without one"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+    if grad_needed(x, weight, bias, residual):
         return "a gradient is needed, and cuDNN's fused ops have no autograd formula"
     if torch.compiler.is_compiling():
         return "traced by torch.compile, which sees resfuse's registered op instead"
