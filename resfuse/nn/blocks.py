@@ -9,29 +9,28 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-from .. import ops, reference
-from .functional import check_block_input, conv_bn_act
+from .. import reference
+from .functional import check_block_input, fused_conv_bn_act, resolve_route
 
 
-def _shortcut(block: nn.Module, x: Tensor, backend: str) -> Tensor:
+def _shortcut(block: nn.Module, x: Tensor, route: tuple[str, str]) -> Tensor:
     downsample = block.downsample
     if downsample is None:
         return x
     if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(downsample[0], nn.Conv2d):
-        return conv_bn_act(x, downsample[0], downsample[1], relu=False, backend=backend)
+        check_block_input(x, downsample[0])
+        return fused_conv_bn_act(x, downsample[0], downsample[1], None, False, route)
     return downsample(x)
 
 
-def _block_backend(block: nn.Module, x: Tensor) -> Optional[str]:
-    """The backend the block's ops get, or None for torchvision's own forward (the reference backend). A named
-    backend is checked available here; "auto" passes through, since the ops decide per call (eval convs may
-    take cuDNN's fused op: resfuse/ops/cudnn_fused.py)."""
+def _block_route(block: nn.Module, x: Tensor) -> Optional[tuple[str, str]]:
+    """The (requested, resolved) backend of the block's ops, or None for torchvision's own forward (the
+    reference backend). A named backend is checked available here; "auto" stays visible to the ops, which
+    decide per call (eval convs may take cuDNN's fused op: resfuse/ops/cudnn_fused.py). The input is checked
+    here once: each later conv's input is the previous fused op's output."""
     check_block_input(x, block.conv1)
-    requested = ops.backend.requested_backend(getattr(block, "backend", None))
-    resolved = ops.resolve_backend(requested, x.device)
-    if resolved == "reference":
-        return None
-    return requested if requested == "auto" else resolved
+    route = resolve_route(x, getattr(block, "backend", None))
+    return None if route[1] == "reference" else route
 
 
 class BasicBlock(reference.BasicBlock):
@@ -54,12 +53,12 @@ class BasicBlock(reference.BasicBlock):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = _block_backend(self, x)
-        if backend is None:
+        route = _block_route(self, x)
+        if route is None:
             return super().forward(x)
-        identity = _shortcut(self, x, backend)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=backend)
-        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, relu=True, backend=backend)
+        identity = _shortcut(self, x, route)
+        out = fused_conv_bn_act(x, self.conv1, self.bn1, None, True, route)
+        return fused_conv_bn_act(out, self.conv2, self.bn2, identity, True, route)
 
 
 class Bottleneck(reference.Bottleneck):
@@ -82,10 +81,10 @@ class Bottleneck(reference.Bottleneck):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        backend = _block_backend(self, x)
-        if backend is None:
+        route = _block_route(self, x)
+        if route is None:
             return super().forward(x)
-        identity = _shortcut(self, x, backend)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True, backend=backend)
-        out = conv_bn_act(out, self.conv2, self.bn2, relu=True, backend=backend)
-        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, relu=True, backend=backend)
+        identity = _shortcut(self, x, route)
+        out = fused_conv_bn_act(x, self.conv1, self.bn1, None, True, route)
+        out = fused_conv_bn_act(out, self.conv2, self.bn2, None, True, route)
+        return fused_conv_bn_act(out, self.conv3, self.bn3, identity, True, route)

@@ -19,12 +19,6 @@ from ..reference import fold_bn_ref
 _cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _tensor_key(t: Optional[Tensor]):
-    if t is None:
-        return None
-    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
-
-
 def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
     weight, bias = fold_bn_ref(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
     if dtype is not None:  # autocast: the fold is made in fp32, then rounded once to the autocast dtype
@@ -39,19 +33,23 @@ def gemm_layout(weight: Tensor) -> Tensor:
 
 
 def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False,
-                       dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+                       dtype: Optional[torch.dtype] = None,
+                       memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
     """(W', b') such that conv(x, W') + b' == bn(conv(x)) with bn's running statistics.
 
-    ``for_gemm``: store W' in ``gemm_layout`` (for the Triton conv kernel); ``dtype``: cast W' and b' to it
-    (autocast). Both are cached, so they are paid once per weight update, not per forward."""
+    ``for_gemm``: store W' in ``gemm_layout`` (for the Triton conv kernel), else in ``memory_format`` (the
+    input's: cuDNN takes its layout from both operands, and a weight in another one is copied on every call);
+    ``dtype``: cast W' and b' to it (autocast). All are cached, so they are paid once per weight update, not per
+    forward."""
     sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if torch.compiler.is_compiling():
         return _fold(conv, bn, dtype)
     if grad_needed(*sources):
         return _fold(conv, bn, dtype)
     try:
-        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm, dtype,
-               tuple(_tensor_key(t) for t in sources))
+        # One comprehension, no call per tensor: this key is rebuilt on every eval forward.
+        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm, dtype, memory_format,
+               [None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources])
     except RuntimeError:  # inference tensors have no version counter: fold every time
         return _fold(conv, bn, dtype)
     hit = _cache.get(bn)
@@ -59,8 +57,7 @@ def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False,
         return hit[1], hit[2]
     with torch.no_grad():
         weight, bias = _fold(conv, bn, dtype)
-        if for_gemm:
-            weight = gemm_layout(weight)
+        weight = gemm_layout(weight) if for_gemm else weight.contiguous(memory_format=memory_format)
     _cache[bn] = (key, weight, bias)
     return weight, bias
 

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import check_activation
+from ..ops._autograd import conv_output_shape
+from ..ops._checks import check_activation, check_matches
+from ..ops.bn_act import run_bn_act
+from ..ops.conv_bn_act import run_conv_bn_act
+from ..reference import memory_format_of
 from .fold import folded_weight_bias
 from .stem import plain_forward, plain_type
 
@@ -95,9 +99,23 @@ def conv_bn_act(
 ) -> Tensor:
     """``act(bn(conv(x)) + residual)`` with fused kernels; ``backend`` as in ``resfuse.ops``."""
     check_block_input(x, conv)
-    reason = unsupported_reason(conv, bn)
+    return fused_conv_bn_act(x, conv, bn, residual, relu, resolve_route(x, backend))
+
+
+def resolve_route(x: Tensor, backend: Optional[str]) -> tuple[str, str]:
+    """(requested, resolved) backend for ops on ``x``'s device: "auto" stays visible to the ops, which may send
+    an eval conv to cuDNN's fused op (resfuse/ops/cudnn_fused.py)."""
     requested = ops.backend.requested_backend(backend)
-    impl = ops.resolve_backend(requested, x.device)
+    return requested, ops.resolve_backend(requested, x.device)
+
+
+def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
+                      route: tuple[str, str]) -> Tensor:
+    """``conv_bn_act`` for an input already checked against ``conv`` (check_block_input) and a route from
+    ``resolve_route``. Blocks call this for each of their convs, so the input check and the backend lookup are
+    made once per block: at N=128 a block's step is bound by host time, and this is part of it."""
+    requested, impl = route
+    reason = unsupported_reason(conv, bn)
     if impl == "reference" or reason is not None:
         if reason is not None:
             warn_reference_once(reason)
@@ -111,15 +129,20 @@ def conv_bn_act(
             residual = residual.to(y.dtype)
         momentum = _train_momentum(bn)
         keep_running = not bn.training or bn.track_running_stats
-        return ops.bn_act(
+        return run_bn_act(
             y, bn.weight, bn.bias, residual,
             bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
-            momentum, bn.eps, relu, backend=impl,
+            momentum, bn.eps, relu, impl,
         )
-    weight, bias = folded_weight_bias(conv, bn, for_gemm=impl == "triton", dtype=amp_dtype)
+    for_gemm = impl == "triton"
+    weight, bias = folded_weight_bias(conv, bn, for_gemm=for_gemm, dtype=amp_dtype,
+                                      memory_format=torch.contiguous_format if for_gemm else memory_format_of(x))
     if amp_dtype is not None:
         x = x.to(amp_dtype)
         residual = residual.to(amp_dtype) if residual is not None else None
-    # "auto" passes through: the op may then take cuDNN's fused conv (resfuse/ops/cudnn_fused.py).
-    return ops.conv_bn_act(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups,
-                           relu, backend="auto" if requested == "auto" else impl)
+    stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+    if residual is not None:
+        check_matches(residual, conv_output_shape(x, weight, stride, padding, dilation), x.dtype, x.device,
+                      "residual")
+    return run_conv_bn_act(x, weight, bias, residual, stride, padding, dilation, conv.groups, relu, requested,
+                           impl)

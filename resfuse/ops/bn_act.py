@@ -60,6 +60,12 @@ def bn_act(
     ``running_mean``/``running_var``, when given, are updated in place like nn.BatchNorm2d in training mode
     (``momentum`` is the exponential-average factor; pass ``1 / num_batches_tracked`` for momentum=None).
     """
+    _check_args(x, weight, bias, residual, running_mean, running_var)
+    return _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu,
+                resolve_backend(backend, x.device))
+
+
+def _check_args(x, weight, bias, residual, running_mean, running_var) -> None:
     check_activation(x)
     check_like(x, residual, "residual")
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
@@ -67,10 +73,29 @@ def bn_act(
         check_channel_vector(x, v, name)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
+    _check_values_per_channel(x)
+
+
+def _check_values_per_channel(x: Tensor) -> None:
     n = x.numel() // max(x.shape[1], 1)
     if n <= 1 and x.numel() > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    impl = resolve_backend(backend, x.device)
+
+
+def run_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+               relu: bool, impl: str) -> Tensor:
+    """``bn_act`` with the backend already resolved: the path of resfuse's modules. The C++ op checks its
+    arguments itself (csrc/common.h), so only the other backends' arguments are checked here, and for every
+    backend the rule nn.BatchNorm2d enforces in training (the C++ op enforces it only with running stats)."""
+    if impl != "cuda":
+        _check_args(x, weight, bias, residual, running_mean, running_var)
+    else:
+        _check_values_per_channel(x)
+    return _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, impl)
+
+
+def _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, impl) -> Tensor:
     if impl == "reference":
         return bn_act_ref(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)[0]
     op = torch.ops.resfuse.bn_act if impl == "cuda" else torch.ops.resfuse.bn_act_triton

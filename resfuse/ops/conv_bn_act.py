@@ -93,11 +93,20 @@ def conv_bn_act(
     check_channel_vector(x, bias, "bias", allow_fp32=False, channels=weight.shape[0])
     check_matches(residual, out_shape, x.dtype, x.device, "residual")
     requested = requested_backend(backend)
+    return run_conv_bn_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, requested,
+                           resolve_backend(requested, x.device))
+
+
+def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+                    requested: str, impl: str) -> Tensor:
+    """``conv_bn_act`` on checked arguments (stride, padding, dilation as pairs), with the backend already
+    requested and resolved: the path of resfuse's modules, which check their input once per block and pass
+    weights they made themselves (resfuse/nn/functional.py)."""
     if requested == "auto" and cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
         out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
         if out is not None:
             return out
-    impl = resolve_backend(requested, x.device)
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     op = torch.ops.resfuse.conv_bn_act if impl == "cuda" else torch.ops.resfuse.conv_bn_act_triton

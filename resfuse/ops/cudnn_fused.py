@@ -54,14 +54,18 @@ def unusable_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
     return None
 
 
+def _config(x: Tensor, fmt: torch.memory_format, weight: Tensor, residual: Optional[Tensor],
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> tuple:
+    return (x.device, x.dtype, fmt, tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation), groups,
+            residual is not None)
+
+
 def run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: Sequence[int],
         padding: Sequence[int], dilation: Sequence[int], groups: int) -> Optional[Tensor]:
     """relu(conv(x, weight) + bias [+ residual]) through cuDNN, in x's layout; None when cuDNN refuses the
     configuration (now or before)."""
     fmt = memory_format_of(x)
-    key = (x.device, x.dtype, fmt, tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation), groups,
-           residual is not None)
-    if key in _refused:
+    if _refused and _config(x, fmt, weight, residual, stride, padding, dilation, groups) in _refused:
         return None
     # cuDNN picks its layout from both operands: a weight in the input's layout keeps the output in it.
     weight = weight.contiguous(memory_format=fmt)
@@ -73,7 +77,7 @@ def run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Te
     except torch.cuda.OutOfMemoryError:
         raise  # not a refusal of the configuration
     except RuntimeError as exc:
-        _refused.add(key)
+        _refused.add(_config(x, fmt, weight, residual, stride, padding, dilation, groups))
         warnings.warn(f"resfuse: cuDNN refused its fused convolution for {x.dtype} {fmt} input, weight "
                       f"{tuple(weight.shape)}, stride {tuple(stride)}, dilation {tuple(dilation)}, groups {groups} "
                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); backend 'auto' runs "

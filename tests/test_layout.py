@@ -1,0 +1,27 @@
+"""The output layout rule (``memory_format_of``) against torch's own, on dense, strided and size-1 tensors."""
+import itertools
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from resfuse.reference import memory_format_of
+
+
+def _tensors():
+    for shape in itertools.product((1, 2, 3), (1, 3, 8), (1, 4), (1, 5)):
+        base = torch.randn(shape)
+        yield base
+        yield base.contiguous(memory_format=torch.channels_last)
+        yield base.permute(0, 1, 3, 2)          # strided in neither layout
+        yield base.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        yield torch.randn(shape[0], shape[1] * 2, shape[2], shape[3])[:, ::2]  # a channel slice
+        yield torch.randn(shape[0], shape[2], shape[3], shape[1] * 2).permute(0, 3, 1, 2)[:, ::2]
+        yield base.expand(shape[0], shape[1], shape[2], shape[3])
+
+
+def test_memory_format_of_matches_torch():
+    seen = set()
+    for t in _tensors():
+        assert memory_format_of(t) == suggest_memory_format(t), (tuple(t.shape), t.stride())
+        seen.add(memory_format_of(t))
+    assert seen == {torch.contiguous_format, torch.channels_last}
