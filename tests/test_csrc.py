@@ -753,3 +753,57 @@ def _check_cuda_conv(dtype, layout, relu, x, w, b, r, conv):
                 _assert_cuda_matches_cpu(g, cpu_t, name)
             else:  # convolution backward itself: cuDNN vs CPU
                 assert rel_l2(g.cpu(), cpu_t) <= (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4), name
+
+
+def _cuda_kernels(fn) -> list[str]:
+    """Names of the GPU kernels one call of fn launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_cuda_bn_act_two_launches_each_way(layout):
+    """Statistics + apply forward, sums + dx backward: the per-channel merge runs in the reduction's last block."""
+    assert resfuse._C.with_cuda(), "the extension was built without its CUDA kernels"
+    shape, c = (8, 64, 14, 14), 64
+    x, r = activation(shape, torch.bfloat16, layout, seed=151).cuda(), activation(shape, torch.bfloat16, layout, seed=152).cuda()
+    go = activation(shape, torch.bfloat16, layout, seed=153, offset=0.0).cuda()
+    w, b = per_channel(c, torch.bfloat16, 154, positive=True).cuda(), per_channel(c, torch.bfloat16, 155).cuda()
+    rm, rv = per_channel(c, torch.bfloat16, 156).cuda(), per_channel(c, torch.bfloat16, 157, positive=True).cuda()
+    fwd = lambda: ops.bn_act(x, w, b, r, rm, rv, MOMENTUM, EPS, True)  # noqa: E731
+    saved = fwd()  # the first call on a stream also zeroes its arrival counters
+    assert len(_cuda_kernels(fwd)) == 2
+    bwd = lambda: ops._bn_act_backward(go, x, w, *saved, True, [True] * 4)  # noqa: E731
+    bwd()
+    assert len(_cuda_kernels(bwd)) == 2
+
+
+@pytest.mark.cuda
+def test_cuda_bn_act_in_a_cuda_graph():
+    """Captured once and replayed: every replay sees zeroed arrival counters, on the capture's private stream
+    as well as after eager calls on the default one."""
+    assert resfuse._C.with_cuda(), "the extension was built without its CUDA kernels"
+    shape = (16, 32, 12, 12)
+    x = activation(shape, torch.float32, "channels_last", seed=161).cuda()
+    expected = ops.bn_act(x, None, None, None, None, None, MOMENTUM, EPS, True)
+    static_x = torch.empty_like(x).copy_(x)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.bn_act(static_x, None, None, None, None, None, MOMENTUM, EPS, True)  # warm-up, as graphs ask
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = ops.bn_act(static_x, None, None, None, None, None, MOMENTUM, EPS, True)
+    for _ in range(3):
+        static_x.copy_(x)
+        graph.replay()
+        ops.bn_act(x * 2, None, None, None, None, None, MOMENTUM, EPS, True)  # eager calls in between
+        torch.cuda.synchronize()
+        for name, got, want in zip(("out", "save_mean", "save_invstd"), captured, expected):
+            torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")

@@ -256,6 +256,57 @@ def test_bn_act_deterministic():
         assert torch.equal(u, v)
 
 
+def _launches(fn, monkeypatch) -> list[str]:
+    """Names of the Triton kernels one call of fn launches (the interpreter's runs, or the GPU's kernels)."""
+    if INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        names = []
+        run = InterpretedFunction.run
+
+        def counting_run(self, *args, **kwargs):
+            names.append(self.fn.__name__)
+            return run(self, *args, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+        fn()
+        monkeypatch.setattr(InterpretedFunction, "run", run)
+        return names
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_act_two_launches_each_way(layout, monkeypatch):
+    """Statistics + apply forward, sums + dx backward: each channel block's last program merges the partials."""
+    shape = (3, 5, 9, 11)
+    x, r, go = make(shape, torch.float32, layout), make(shape, torch.float32, layout, seed=3), make(shape, torch.float32, layout, seed=4)
+    w, b = vec(5, torch.float32, positive=True), vec(5, torch.float32, seed=2)
+    rm, rv = vec(5, torch.float32, seed=5), vec(5, torch.float32, seed=6, positive=True)
+    saved = bn_act_fwd(x, w, b, r, rm, rv, 0.1, 1e-5, True)  # the first call on a stream zeroes its counters
+    assert len(_launches(lambda: bn_act_fwd(x, w, b, r, rm, rv, 0.1, 1e-5, True), monkeypatch)) == 2
+    assert len(_launches(lambda: bn_act_bwd(go, x, w, *saved, True, [True] * 4), monkeypatch)) == 2
+
+
+def test_bn_act_more_channel_blocks_than_counters():
+    """Enough channel blocks to outgrow the cached arrival counters: the statistics stay right before, across
+    and after the growth."""
+    from resfuse.triton_kernels import bn_act as bn_mod
+
+    bn_mod._counters.clear()
+    for c in (3, 2100, 5):  # 2100 channels: hundreds of channel blocks
+        x = make((2, c, 1, 3), torch.float32, "nchw", seed=c)
+        out, mean, invstd = bn_act_fwd(x, None, None, None, None, None, 0.1, 1e-5, False)
+        xd = x.double()
+        torch.testing.assert_close(mean.double(), xd.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        var = xd.var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------- epilogue
 
 

@@ -21,12 +21,13 @@ inner = 1.  All kernels work on 2-D tiles [BLOCK_R, BLOCK_C] (rows x channels) p
     inner index stays provably contiguous (vectorised loads); the only division is per tile, on a scalar.
 Accumulation is fp32 (fp64 for float64 input); offsets are int64.
 
-Statistics are a deterministic two-level reduction: `_bn_stats_partial_kernel` (grid: row-programs x channel
-blocks) folds a fixed range of tiles into per-program (count, mean, M2) partials with Chan's update,
-`_bn_stats_finalize_kernel` (grid: channel blocks) merges the partials with the same formula, writes
-mean / invstd and updates the running statistics.  `_bn_act_fwd_kernel` then writes the output in one pass.
+Statistics are a deterministic two-level reduction in one launch: each program of `_bn_stats_partial_kernel`
+(grid: row-programs x channel blocks) folds a fixed range of tiles into per-program (count, mean, M2) partials
+with Chan's update; the program of each channel block that finishes last (an arrival counter, `_is_last`)
+merges that block's partials with the same formula in a fixed order, writes mean / invstd and updates the
+running statistics.  `_bn_act_fwd_kernel` then writes the output in one pass: two launches per forward.
 The backward reduces sum(g) and sum(g * (x - mean)) the same way, and `_bn_act_bwd_dx_kernel` writes
-grad_input and grad_residual in one pass.  The reduction / apply kernels also serve the conv epilogue
+grad_input and grad_residual in one pass: two launches per backward.  The reduction / apply kernels also serve the conv epilogue
 (bias_act.py) through their constexpr flags.
 """
 import functools
@@ -60,8 +61,7 @@ class LaunchConfig(NamedTuple):
     c_blocks: int         # channel blocks (grid axis 1)
     tiles_per_prog: int   # row tiles folded by one reduction program
     n_parts: int          # reduction programs along rows = partial rows per channel
-    BLOCK_P: int          # partials merged per step by the finalize kernels
-    BLOCK_CF: int         # channels per finalize program
+    BLOCK_P: int          # partials merged per step by the last program of a channel block
     num_warps: int
 
 
@@ -118,11 +118,10 @@ def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp:
     target_parts = max(1, min(target_parts, n_tiles))
     tiles_per_prog = triton.cdiv(n_tiles, target_parts)
     n_parts = triton.cdiv(n_tiles, tiles_per_prog)
-    BLOCK_P = 2 if interp else 32
-    BLOCK_CF = min(_np2(C), 8 if interp else 64)
+    BLOCK_P = 2 if interp else max(1, min(32, 2048 // BLOCK_C))
     num_warps = 4 if BLOCK_R * BLOCK_C <= 2048 else 8
     return LaunchConfig(channels_last, BLOCK_R, BLOCK_C, n_itiles, n_tiles, c_blocks, tiles_per_prog, n_parts,
-                        BLOCK_P, BLOCK_CF, num_warps)
+                        BLOCK_P, num_warps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,10 +155,26 @@ def _tile_offsets(t, c0, C, inner, n_rows, n_itiles,
 
 
 @triton.jit
-def _bn_stats_partial_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr,
+def _is_last(counter_ptr):
+    """True in the one program of this channel block (grid axis 1) that arrives here last, which then resets the
+    block's counter to zero for the next launch (see _column_counters). The barrier puts every thread's partial
+    stores before the release, and the acquire puts the other programs' stores before the caller's loads."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + tl.program_id(1), 1, sem="acq_rel")
+    last = ticket == tl.num_programs(0) - 1
+    if last:
+        tl.store(counter_ptr + tl.program_id(1), 0)
+    return last
+
+
+@triton.jit
+def _bn_stats_partial_kernel(x_ptr, cnt_ptr, pmean_ptr, pm2_ptr, counter_ptr,
                              C, inner, n_rows, n_itiles, n_tiles, tiles_per_prog,
+                             eps_hi, eps_lo, mom_hi, mom_lo, mean_ptr, invstd_ptr, rm_ptr, rv_ptr,
+                             rm_stride, rv_stride,
+                             HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
                              CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_p = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     t_begin = pid_p * tiles_per_prog
@@ -186,21 +201,24 @@ def _bn_stats_partial_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr,
     cmask = cols < C
     poffs = pid_p.to(tl.int64) * C + cols
     tl.store(cnt_ptr + poffs, n, mask=cmask)
-    tl.store(mean_ptr + poffs, mean, mask=cmask)
-    tl.store(m2_ptr + poffs, m2, mask=cmask)
+    tl.store(pmean_ptr + poffs, mean, mask=cmask)
+    tl.store(pm2_ptr + poffs, m2, mask=cmask)
+    if _is_last(counter_ptr):
+        _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, tl.num_programs(0), C, cols, cmask,
+                        eps_hi, eps_lo, mom_hi, mom_lo, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
+                        HAS_RM, HAS_RV, ACC, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
-def _bn_stats_finalize_kernel(cnt_ptr, pmean_ptr, pm2_ptr, P, C, eps_hi, eps_lo, mom_hi, mom_lo,
-                              mean_ptr, invstd_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
-                              HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, C, cols, cmask, eps_hi, eps_lo, mom_hi, mom_lo,
+                    mean_ptr, invstd_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
+                    HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merges the P partials of channels `cols` in a fixed order, writes mean / invstd, updates running stats."""
     # Float scalars reach kernels as fp32; eps and momentum come as hi + lo fp32 pairs so that float64
     # inputs see them at (nearly) double precision.
     eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
     momentum = (tl.zeros([BLOCK_C], dtype=ACC) + mom_hi) + mom_lo
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
     n = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -208,9 +226,10 @@ def _bn_stats_finalize_kernel(cnt_ptr, pmean_ptr, pm2_ptr, P, C, eps_hi, eps_lo,
         ps = p0 + tl.arange(0, BLOCK_P)
         m = (ps < P)[:, None] & cmask[None, :]
         offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-        cb = tl.load(cnt_ptr + offs, mask=m, other=0.0)
-        mp = tl.load(pmean_ptr + offs, mask=m, other=0.0)
-        m2p = tl.load(pm2_ptr + offs, mask=m, other=0.0)
+        # .cg: other programs wrote these; read them from L2.
+        cb = tl.load(cnt_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+        mp = tl.load(pmean_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+        m2p = tl.load(pm2_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
         # Exact merge of BLOCK_P partials (two-pass around their common mean), then Chan into the running one.
         nb = tl.sum(cb, axis=0)
         nb_safe = tl.where(nb > 0, nb, 1.0)
@@ -292,12 +311,14 @@ def _masked_grad(go_ptr, out_ptr, g_ptr, offs, mask, RELU: tl.constexpr, WRITE_G
 
 
 @triton.jit
-def _bn_act_bwd_reduce_kernel(go_ptr, out_ptr, x_ptr, mean_ptr, g_ptr, pg_ptr, pgx_ptr,
+def _bn_act_bwd_reduce_kernel(go_ptr, out_ptr, x_ptr, mean_ptr, g_ptr, pg_ptr, pgx_ptr, counter_ptr,
                               C, inner, n_rows, n_itiles, n_tiles, tiles_per_prog,
+                              invstd_ptr, sum_g_ptr, sum_gx_ptr, gw_ptr, gb_ptr,
                               RELU: tl.constexpr, HAS_X: tl.constexpr, WRITE_G: tl.constexpr,
+                              STORE_SUMS: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GB: tl.constexpr,
                               CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Partials of sum(g) and (HAS_X) sum(g * (x - mean)); invstd is applied once per channel in the finalize.
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Partials of sum(g) and (HAS_X) sum(g * (x - mean)); invstd is applied once per channel in the merge.
     # WRITE_G stores g on the way (conv epilogue backward: g and grad_bias in one pass).
     pid_p = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
@@ -321,26 +342,26 @@ def _bn_act_bwd_reduce_kernel(go_ptr, out_ptr, x_ptr, mean_ptr, g_ptr, pg_ptr, p
     tl.store(pg_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
     if HAS_X:
         tl.store(pgx_ptr + poffs, tl.sum(acc_gx, axis=0), mask=cmask)
+    if _is_last(counter_ptr):
+        _grad_sums_merge(pg_ptr, pgx_ptr, invstd_ptr, tl.num_programs(0), C, cols, cmask,
+                         sum_g_ptr, sum_gx_ptr, gw_ptr, gb_ptr, HAS_X, STORE_SUMS, WRITE_GW, WRITE_GB, ACC,
+                         BLOCK_P, BLOCK_C)
 
 
 @triton.jit
-def _bn_act_bwd_finalize_kernel(pg_ptr, pgx_ptr, invstd_ptr, P, C,
-                                sum_g_ptr, sum_gx_ptr, gw_ptr, gb_ptr,
-                                HAS_X: tl.constexpr, STORE_SUMS: tl.constexpr,
-                                WRITE_GW: tl.constexpr, WRITE_GB: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _grad_sums_merge(pg_ptr, pgx_ptr, invstd_ptr, P, C, cols, cmask, sum_g_ptr, sum_gx_ptr, gw_ptr, gb_ptr,
+                     HAS_X: tl.constexpr, STORE_SUMS: tl.constexpr, WRITE_GW: tl.constexpr,
+                     WRITE_GB: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # Fixed summation order over the [P, C] partials: bitwise reproducible, unlike atomics.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
     acc_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     acc_gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         m = (ps < P)[:, None] & cmask[None, :]
         offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-        acc_g += tl.load(pg_ptr + offs, mask=m, other=0.0)
+        acc_g += tl.load(pg_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
         if HAS_X:
-            acc_gx += tl.load(pgx_ptr + offs, mask=m, other=0.0)
+            acc_gx += tl.load(pgx_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
     sum_g = tl.sum(acc_g, axis=0)
     if STORE_SUMS:
         tl.store(sum_g_ptr + cols, sum_g, mask=cmask)
@@ -474,6 +495,27 @@ def _channel_vec(name: str, t: Optional[torch.Tensor], C: int) -> Optional[torch
     return t.reshape(C).contiguous()
 
 
+_counters: dict = {}
+
+
+def _column_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Arrival counters of the reduction kernels (`_is_last`), zero on entry to a launch: the last program of
+    each channel block resets its own, so one zeroed buffer per (device, stream) serves every later launch on
+    that stream, whose kernels run in order. While a stream is captured into a CUDA graph a fresh zeroed
+    buffer is used instead, its zeroing captured with the kernel, so every replay starts from zero."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:  # the interpreter runs one program after another
+        key = (device.type, device.index)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        _counters[key] = counters
+    return counters
+
+
 def _apply(xc, out, lay, cfg, acc_tl, *, mean=None, invstd=None, weight=None, bias=None, residual=None,
            relu=False):
     """Elementwise pass out = act(x * scale + shift + residual); shared with the conv epilogue."""
@@ -495,18 +537,17 @@ def _grad_reduce(go, out, xc, mean, invstd, g_out, lay, cfg, acc_t, acc_tl, *, r
     P, C = cfg.n_parts, lay.C
     partials = torch.empty((2 if has_x else 1, P, C), dtype=acc_t, device=go.device)  # one allocation
     pg, pgx = partials[0], partials[-1]
+    sum_g, sum_gx = sums if sums is not None else (pg, pg)
     _bn_act_bwd_reduce_kernel[(P, cfg.c_blocks)](
         go, out if relu else go, xc if has_x else go, mean if has_x else pg,
-        g_out if g_out is not None else go, pg, pgx,
+        g_out if g_out is not None else go, pg, pgx, _column_counters(cfg.c_blocks, go.device),
         C, lay.inner, lay.outer * lay.inner, cfg.n_itiles, cfg.n_tiles, cfg.tiles_per_prog,
-        RELU=bool(relu), HAS_X=has_x, WRITE_G=g_out is not None, CHANNELS_LAST=cfg.channels_last, ACC=acc_tl,
-        BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps)
-    sum_g, sum_gx = sums if sums is not None else (pg, pg)
-    _bn_act_bwd_finalize_kernel[(triton.cdiv(C, cfg.BLOCK_CF),)](
-        pg, pgx, invstd if has_x else pg, P, C, sum_g, sum_gx,
+        invstd if has_x else pg, sum_g, sum_gx,
         grad_weight if grad_weight is not None else pg, grad_bias if grad_bias is not None else pg,
-        HAS_X=has_x, STORE_SUMS=sums is not None, WRITE_GW=grad_weight is not None,
-        WRITE_GB=grad_bias is not None, ACC=acc_tl, BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_CF)
+        RELU=bool(relu), HAS_X=has_x, WRITE_G=g_out is not None, STORE_SUMS=sums is not None,
+        WRITE_GW=grad_weight is not None, WRITE_GB=grad_bias is not None,
+        CHANNELS_LAST=cfg.channels_last, ACC=acc_tl,
+        BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_P=cfg.BLOCK_P, num_warps=cfg.num_warps)
 
 
 def _grad_elementwise(go, out, xc, mean, invstd, weight, sums, dx, g_out, lay, cfg, acc_tl, *, relu):
@@ -555,16 +596,15 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     cfg = launch_config(lay.outer, C, lay.inner, x.device)
     P = cfg.n_parts
     pcnt, pmean, pm2 = torch.empty((3, P, C), dtype=acc_t, device=x.device).unbind(0)  # one allocation
-    _bn_stats_partial_kernel[(P, cfg.c_blocks)](
-        xc, pcnt, pmean, pm2, C, lay.inner, n, cfg.n_itiles, cfg.n_tiles, cfg.tiles_per_prog,
-        CHANNELS_LAST=cfg.channels_last, ACC=acc_tl, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C,
-        num_warps=cfg.num_warps)
     has_rm, has_rv = running_mean is not None, running_var is not None
-    _bn_stats_finalize_kernel[(triton.cdiv(C, cfg.BLOCK_CF),)](
-        pcnt, pmean, pm2, P, C, *_split_f64(eps), *_split_f64(momentum), save_mean, save_invstd,
+    _bn_stats_partial_kernel[(P, cfg.c_blocks)](
+        xc, pcnt, pmean, pm2, _column_counters(cfg.c_blocks, x.device),
+        C, lay.inner, n, cfg.n_itiles, cfg.n_tiles, cfg.tiles_per_prog,
+        *_split_f64(eps), *_split_f64(momentum), save_mean, save_invstd,
         running_mean if has_rm else save_mean, running_var if has_rv else save_mean,
         running_mean.stride(0) if has_rm else 1, running_var.stride(0) if has_rv else 1,
-        HAS_RM=has_rm, HAS_RV=has_rv, ACC=acc_tl, BLOCK_P=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_CF)
+        HAS_RM=has_rm, HAS_RV=has_rv, CHANNELS_LAST=cfg.channels_last, ACC=acc_tl,
+        BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_P=cfg.BLOCK_P, num_warps=cfg.num_warps)
     _apply(xc, out, lay, cfg, acc_tl, mean=save_mean, invstd=save_invstd, weight=w, bias=b, residual=res,
            relu=relu)
     return out, save_mean, save_invstd

@@ -5,11 +5,12 @@
 //   scale = w*invstd, shift = b - mean*scale;  out = act(x*scale + shift + residual)
 //   (evaluated as (x - mean)*scale + b: equal, and free of cancellation when |mean| >> std)
 //   running_mean/var (optional) updated in place; running_var uses the unbiased var*n/(n-1).
-//   Kernels: per-block Welford partials -> per-channel Chan merge that also writes save_mean/save_invstd,
-//   scale and the running stats -> one elementwise pass writing `out`. No host synchronisation.
+//   Kernels (two launches): per-block Welford partials, merged per channel (Chan) by each column's last block,
+//   which also writes save_mean/save_invstd, scale and the running stats -> one elementwise pass writing `out`.
+//   No host synchronisation.
 // Backward:
 //   g = relu ? grad_out*(out > 0) : grad_out;  xhat = (x - mean)*invstd
-//   sum_g[c] = sum g, sum_gx[c] = sum g*xhat (two-level reduction, one read of the inputs)
+//   sum_g[c] = sum g, sum_gx[c] = sum g*xhat (two-level reduction in one launch, one read of the inputs)
 //   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g;  grad_residual = g
 //
 // Layouts: NCHW and NHWC both run on the [outer, C, inner] view (csrc/common.h, csrc/cuda/channel_view.cuh).

@@ -2,11 +2,13 @@
 //
 // * ChannelCursor: walks a grid-stride loop over flat indices and keeps track of the channel of the current
 //   element without a 64-bit division per element.
-// * Per-channel reductions, deterministic and without host synchronisation, in two levels:
+// * Per-channel reductions, deterministic and without host synchronisation, in two levels of one launch:
 //     level 1: every block reduces a tile of the reduction space of its channels into one partial accumulator per
 //              channel (partial[block_row][C]);
-//     level 2: one warp per channel merges that channel's partials in a fixed order and hands the result to a
-//              finaliser functor, which writes the per-channel outputs.
+//     level 2: the block of each column (blockIdx.x) that finishes last, found with an arrival counter, merges
+//              the column's partials in a fixed order and hands each channel's result to a finaliser functor,
+//              which writes the per-channel outputs. One launch instead of two saves a launch's host time and
+//              the second kernel's ramp; the merge order does not depend on which block is last.
 //   Layout-specific level-1 kernels keep global loads coalesced:
 //     NHWC (inner == 1): threadIdx.x runs over 32 consecutive channels, threadIdx.y over rows;
 //     NCHW (inner > 1):  one channel per blockIdx.x, the threads run over its (o, i) positions, i fastest.
@@ -35,11 +37,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <limits>
 #include <type_traits>
 
@@ -49,7 +55,6 @@ constexpr int kThreads = 256;      // elementwise kernels and NCHW reductions
 constexpr int kWarp = 32;
 constexpr int kClChannels = 32;    // NHWC reduction block: channels (x) ...
 constexpr int kClRows = 8;         // ... by rows (y)
-constexpr int kFinWarps = 8;       // level-2 reduction: channels per block, one warp each
 constexpr int64_t kMaxParts = 1024;  // upper bound on level-1 partials per channel
 // Vector paths: >= 3 resident blocks of kThreads per SM (__launch_bounds__ caps registers at 80; at 64 the bf16
 // backward kernels spill) with kUnroll vectors per input stream in flight per thread: 768 threads x 2-3 streams
@@ -67,6 +72,7 @@ constexpr int kElementwiseBlocksPerSm = 8;
 // Welford/Chan accumulator of (count, mean, M2 = sum of squared deviations).
 template <typename T>
 struct Welford {
+  using value_type = T;
   T count = T(0);
   T mean = T(0);
   T m2 = T(0);
@@ -96,6 +102,7 @@ struct Welford {
 // Two plain per-channel sums.
 template <typename T>
 struct Sum2 {
+  using value_type = T;
   T a = T(0);
   T b = T(0);
 
@@ -227,11 +234,55 @@ inline int64_t elementwise_blocks(int64_t numel) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Level 2, at the end of every level-1 block (all threads call it). Blocks (x, 0..gridDim.y-1) each wrote
+// their partials for channels [c_begin, c_begin + c_count); the one that arrives last merges them, `lanes`
+// threads per channel over a fixed stride of partials then a fixed tree, calls fin(c, acc), and resets the
+// column's counter to zero for the next launch on the stream (column_counters below).
+
+// A partial written by another block of this launch: loaded from L2, never from this SM's L1.
+template <class Lane>
+__device__ __forceinline__ Lane load_partial(const Lane* p) {
+  using T = typename Lane::value_type;
+  static_assert(sizeof(Lane) % sizeof(T) == 0, "a partial is an array of its value_type");
+  Lane out;
+  const T* src = reinterpret_cast<const T*>(p);
+  T* dst = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(Lane) / sizeof(T)); ++i) dst[i] = __ldcg(src + i);
+  return out;
+}
+
+template <class Lane, class Fin>
+__device__ void merge_column_if_last(const Lane* __restrict__ partial, int64_t channels, int64_t c_begin,
+                                     int c_count, unsigned* counter, const Fin& fin, Lane* buf) {
+  __shared__ bool is_last;
+  const int tid = static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x);
+  const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
+  __threadfence();  // this block's partials are visible device-wide before its arrival is counted
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(counter, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  int lanes = 1;  // threads per channel: a power of two, c_count * lanes <= nthreads
+  while (2 * lanes * c_count <= nthreads) lanes *= 2;
+  const int ch = tid / lanes;
+  const int lane = tid - ch * lanes;
+  Lane acc;
+  if (ch < c_count) {
+    for (int64_t p = lane; p < gridDim.y; p += lanes) acc.merge(load_partial(partial + p * channels + c_begin + ch));
+  }
+  acc = tree_merge(buf + (tid - lane), acc, lane, lanes, 1);
+  if (lane == 0 && ch < c_count) fin(c_begin + ch, acc);
+  if (tid == 0) *counter = 0u;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Level 1. `op(acc, idx, c)` folds element idx (of channel c) into acc; it may also write element idx.
 
-template <class Acc, class Op>
+template <class Acc, class Op, class Fin>
 __global__ void partial_reduce_cl_kernel(int64_t rows, int64_t channels, int64_t rows_per_block, Op op,
-                                         Acc* __restrict__ partial) {
+                                         Acc* __restrict__ partial, unsigned* counters, Fin fin) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Acc* buf = reinterpret_cast<Acc*>(smem_raw);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kClChannels + threadIdx.x;
@@ -247,10 +298,14 @@ __global__ void partial_reduce_cl_kernel(int64_t rows, int64_t channels, int64_t
   if (threadIdx.y == 0 && c < channels) {
     partial[static_cast<int64_t>(blockIdx.y) * channels + c] = acc;
   }
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.x) * kClChannels;
+  merge_column_if_last(partial, channels, c_begin, static_cast<int>(std::min<int64_t>(kClChannels, channels - c_begin)),
+                       counters + blockIdx.x, fin, buf);
 }
 
-template <class Acc, class Op>
-__global__ void partial_reduce_planar_kernel(ChannelView v, int64_t tile, Op op, Acc* __restrict__ partial) {
+template <class Acc, class Op, class Fin>
+__global__ void partial_reduce_planar_kernel(ChannelView v, int64_t tile, Op op, Acc* __restrict__ partial,
+                                             unsigned* counters, Fin fin) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Acc* buf = reinterpret_cast<Acc*>(smem_raw);
   const int64_t c = blockIdx.x;
@@ -278,6 +333,7 @@ __global__ void partial_reduce_planar_kernel(ChannelView v, int64_t tile, Op op,
   if (threadIdx.x == 0) {
     partial[static_cast<int64_t>(blockIdx.y) * v.channels + c] = acc;
   }
+  merge_column_if_last(partial, v.channels, c, 1, counters + blockIdx.x, fin, buf);
 }
 
 // NHWC level 1 on 16-byte vectors: thread (tx, ty) of a block owns channels [c0, c0 + VEC) with
@@ -288,10 +344,10 @@ __global__ void partial_reduce_planar_kernel(ChannelView v, int64_t tile, Op op,
 // Lane (the per-channel accumulator of the partials), Lanes / lanes(c0) (per-thread channel data kept in
 // registers), fold<U>(acc, lanes, off, step) (folds the U vectors at off, off + step, ...), finish(acc, k, c)
 // (lane k of acc as channel c's partial).
-template <class Op>
+template <class Op, class Fin>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     partial_reduce_cl_vec_kernel(int64_t rows, int64_t channels, int64_t rows_per_block, int tx_log2, Op op,
-                                 typename Op::Lane* __restrict__ partial) {
+                                 typename Op::Lane* __restrict__ partial, unsigned* counters, Fin fin) {
   using Acc = typename Op::Acc;
   constexpr int kV = Op::kV;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -324,33 +380,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       dst[k] = op.finish(acc, k, c0 + k);
     }
   }
+  // The tile's Acc buffer is reused as Lane storage: sizeof(Lane) <= sizeof(Acc).
+  static_assert(sizeof(typename Op::Lane) <= sizeof(Acc), "level-2 buffer does not fit");
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.x) * tx_width * kV;
+  merge_column_if_last(partial, channels, c_begin,
+                       static_cast<int>(std::min<int64_t>(static_cast<int64_t>(tx_width) * kV, channels - c_begin)),
+                       counters + blockIdx.x, fin, reinterpret_cast<typename Op::Lane*>(smem_raw));
 }
 
-// Level 2: warp threadIdx.y merges the partials of channel c; `fin(c, acc)` writes the per-channel results.
-template <class Acc, class Fin>
-__global__ void finalize_reduce_kernel(int64_t channels, int64_t parts, const Acc* __restrict__ partial, Fin fin) {
-  // Raw storage: __shared__ variables cannot have constructors.
-  __shared__ __align__(16) unsigned char fin_raw[sizeof(Acc) * kFinWarps * kWarp];
-  Acc* buf = reinterpret_cast<Acc*>(fin_raw);
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinWarps + threadIdx.y;
-  Acc acc;
-  if (c < channels) {
-    for (int64_t p = threadIdx.x; p < parts; p += kWarp) {
-      acc.merge(partial[p * channels + c]);
-    }
+// Arrival counters for `columns` level-1 columns, zero on entry to a launch on the current stream: each column's
+// last block resets its own, so one zeroed buffer per (device, stream) serves every later launch on that stream
+// (kernels of one stream run in order; other streams get their own). While the stream is being captured into a
+// CUDA graph the buffer is a fresh zeroed one instead, whose zeroing is captured with the kernel, so every
+// replay starts from zero whatever ran on the stream in between.
+inline at::Tensor column_counters(int64_t columns, const at::Tensor& like) {
+  const auto opts = like.options().dtype(at::kInt);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return at::zeros({columns}, opts);
   }
-  acc = tree_merge(buf + threadIdx.y * kWarp, acc, threadIdx.x, kWarp, 1);
-  if (threadIdx.x == 0 && c < channels) {
-    fin(c, acc);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  static std::mutex mutex;
+  // Never destroyed: freeing CUDA memory from a static destructor can run after the driver has shut down.
+  static auto* per_stream = new std::map<std::pair<int, int64_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counters = (*per_stream)[{static_cast<int>(stream.device_index()), static_cast<int64_t>(stream.id())}];
+  if (!counters.defined() || counters.numel() < columns) {
+    counters = at::zeros({std::max<int64_t>(columns, 256)}, opts);
   }
+  return counters;
 }
 
-template <class Acc, class Fin>
-void launch_finalize(int64_t channels, int64_t parts, const Acc* partial, const Fin& fin) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(channels, kFinWarps)));
-  finalize_reduce_kernel<Acc, Fin>
-      <<<grid, dim3(kWarp, kFinWarps), 0, at::cuda::getCurrentCUDAStream()>>>(channels, parts, partial, fin);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+inline unsigned* counter_ptr(const at::Tensor& counters) {
+  return reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>());
 }
 
 // Runs both levels on the current stream. `like` gives the device for the scratch buffer. numel() must be > 0.
@@ -388,13 +449,15 @@ void reduce_per_channel(const ChannelView& v, const at::Tensor& like, const Op& 
 
   at::Tensor scratch = at::empty({static_cast<int64_t>(parts * C * sizeof(Acc))}, like.options().dtype(at::kByte));
   Acc* partial = reinterpret_cast<Acc*>(scratch.data_ptr<uint8_t>());
+  const at::Tensor counters = column_counters(grid.x, like);
   if (v.inner == 1) {
-    partial_reduce_cl_kernel<Acc, Op><<<grid, block, smem, stream>>>(v.outer, C, span, op, partial);
+    partial_reduce_cl_kernel<Acc, Op, Fin>
+        <<<grid, block, smem, stream>>>(v.outer, C, span, op, partial, counter_ptr(counters), fin);
   } else {
-    partial_reduce_planar_kernel<Acc, Op><<<grid, block, smem, stream>>>(v, span, op, partial);
+    partial_reduce_planar_kernel<Acc, Op, Fin>
+        <<<grid, block, smem, stream>>>(v, span, op, partial, counter_ptr(counters), fin);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(C, parts, partial, fin);
 }
 
 // True when every non-null pointer is 16-byte aligned.
@@ -434,10 +497,10 @@ void reduce_per_channel_cl_vec(const ChannelView& v, const at::Tensor& like, con
   at::Tensor scratch = at::empty({static_cast<int64_t>(parts * C * sizeof(Lane))}, like.options().dtype(at::kByte));
   Lane* partial = reinterpret_cast<Lane*>(scratch.data_ptr<uint8_t>());
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(parts));
-  partial_reduce_cl_vec_kernel<Op><<<grid, kThreads, sizeof(Acc) * kThreads, stream>>>(v.outer, C, span, tx_log2,
-                                                                                        op, partial);
+  const at::Tensor counters = column_counters(grid.x, like);
+  partial_reduce_cl_vec_kernel<Op, Fin><<<grid, kThreads, sizeof(Acc) * kThreads, stream>>>(
+      v.outer, C, span, tx_log2, op, partial, counter_ptr(counters), fin);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(C, parts, partial, fin);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
