@@ -26,8 +26,8 @@
 //   backward_elementwise   grad_out, out, x + 2 out  257 MB                              ~86 us   (scalar: 250 us)
 //   NHWC Welford reduce    x                          51 MB, partials < 1 MB             ~17 us   (scalar: 174 us)
 //   NHWC BackwardSums      grad_out, out, x          154 MB                              ~51 us   (scalar: 144 us)
-// The reductions read whole rows per warp (C=64 bf16: 8 threads per 128-byte row, 4 rows per warp) and Welford
-// computes one reciprocal per row instead of one division per element.
+// The reductions read 64-channel row segments per group of threads (bf16: 8 threads per 128-byte segment, 4 rows
+// per warp) and Welford computes one reciprocal per row instead of one division per element.
 // Views the vector paths cannot take (misaligned pointers, odd C in NHWC, H*W % VEC != 0 in NCHW, more than
 // 2^31 vectors) run the scalar kernels, which stay the general fallback; NCHW reductions are always scalar.
 #pragma once
@@ -52,10 +52,13 @@
 namespace resfuse::cuda {
 
 constexpr int kThreads = 256;      // elementwise kernels and NCHW reductions
-constexpr int kWarp = 32;
 constexpr int kClChannels = 32;    // NHWC reduction block: channels (x) ...
 constexpr int kClRows = 8;         // ... by rows (y)
 constexpr int64_t kMaxParts = 1024;  // upper bound on level-1 partials per channel
+constexpr int kMergeUnroll = 8;      // level 2: partials loaded at once per thread
+// NHWC vector reduction: channels per block, so that a column's last block has >= 4 threads per channel for
+// the merge (a block of 256 channels left one thread per channel to merge hundreds of partials).
+constexpr int kVecTileChannels = 64;
 // Vector paths: >= 3 resident blocks of kThreads per SM (__launch_bounds__ caps registers at 80; at 64 the bf16
 // backward kernels spill) with kUnroll vectors per input stream in flight per thread: 768 threads x 2-3 streams
 // x 2 x 16 B = 48-72 KB per SM, above the ~25 KB that latency x bandwidth per SM asks for. The one-input Welford
@@ -268,9 +271,21 @@ __device__ void merge_column_if_last(const Lane* __restrict__ partial, int64_t c
   while (2 * lanes * c_count <= nthreads) lanes *= 2;
   const int ch = tid / lanes;
   const int lane = tid - ch * lanes;
+  const int64_t parts = gridDim.y;
   Lane acc;
   if (ch < c_count) {
-    for (int64_t p = lane; p < gridDim.y; p += lanes) acc.merge(load_partial(partial + p * channels + c_begin + ch));
+    // kMergeUnroll loads in flight per thread: the merge is one block's serial tail after the reduction, and
+    // one L2 round trip per partial made it ~10x the reduction itself at C=256 (396 partials, one lane each).
+    const Lane* src = partial + c_begin + ch;
+    int64_t p = lane;
+    for (; p + (kMergeUnroll - 1) * lanes < parts; p += kMergeUnroll * lanes) {
+      Lane v[kMergeUnroll];
+#pragma unroll
+      for (int u = 0; u < kMergeUnroll; ++u) v[u] = load_partial(src + (p + u * lanes) * channels);
+#pragma unroll
+      for (int u = 0; u < kMergeUnroll; ++u) acc.merge(v[u]);
+    }
+    for (; p < parts; p += lanes) acc.merge(load_partial(src + p * channels));
   }
   acc = tree_merge(buf + (tid - lane), acc, lane, lanes, 1);
   if (lane == 0 && ch < c_count) fin(c_begin + ch, acc);
@@ -482,8 +497,8 @@ void reduce_per_channel_cl_vec(const ChannelView& v, const at::Tensor& like, con
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t C = v.channels;
   const int64_t groups = C / Op::kV;
-  int tx_log2 = 0;  // threads per row: the smallest power of two covering the row, at most a warp
-  while ((int64_t{1} << tx_log2) < groups && (1 << tx_log2) < kWarp) ++tx_log2;
+  int tx_log2 = 0;  // threads per row: the smallest power of two covering the row, at most kVecTileChannels
+  while ((int64_t{1} << tx_log2) < groups && (1 << tx_log2) * Op::kV < kVecTileChannels) ++tx_log2;
   const int64_t rows_y = kThreads >> tx_log2;
   const int64_t tiles = ceil_div(groups, int64_t{1} << tx_log2);
   // One wave of kBlocksPerSm blocks per SM; a block's span still gives every thread >= 2 unrolled iterations so
