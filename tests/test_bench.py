@@ -53,7 +53,7 @@ def test_json_schema(run):
     data = json.loads(run["json"].read_text())
     meta = data["meta"]
     assert META_KEYS <= set(meta), META_KEYS - set(meta)
-    assert meta["complete"] is True and meta["gpu"] is None and meta["command"].startswith("python -m resfuse.bench")
+    assert meta["complete"] is True and meta["gpu"] is None and "python -m resfuse.bench" in meta["command"]
     assert {"copy_gbps", "matmul_tflops", "matmul_dtype"} <= set(meta["ceilings"])
     records = data["records"]
     benches = {r["bench"] for r in records}
@@ -311,3 +311,17 @@ def test_compile_freezing_sets_inductor_freezing_while_it_runs():
     finally:
         runner.close()
     assert inductor_config.freezing == before
+
+
+def test_command_names_the_resfuse_settings(monkeypatch):
+    """RESFUSE_* variables change what runs, so the recorded command carries them."""
+    import argparse
+
+    from resfuse.bench.cli import environment
+
+    for k in [k for k in os.environ if k.startswith("RESFUSE_")]:
+        monkeypatch.delenv(k)
+    args = argparse.Namespace(device=torch.device("cpu"), preset="cpu")
+    assert environment(["--mode", "eval"], args)["command"] == "python -m resfuse.bench --mode eval"
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", "igemm")
+    assert environment([], args)["command"] == "RESFUSE_CUDA_CONV=igemm python -m resfuse.bench"

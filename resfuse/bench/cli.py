@@ -271,6 +271,11 @@ def _git_sha() -> Optional[str]:
         return None
 
 
+def _resfuse_env() -> str:
+    """The RESFUSE_* settings of this run (backend, CUDA conv kernel) as a command prefix: they change what runs."""
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(os.environ.items()) if k.startswith("RESFUSE_"))
+
+
 def environment(argv: list[str], args: argparse.Namespace) -> dict:
     try:
         import triton
@@ -291,7 +296,7 @@ def environment(argv: list[str], args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
         "resfuse": _git_sha() or __version__, "date": datetime.date.today().isoformat(),
-        "command": "python -m resfuse.bench" + (" " + shlex.join(argv) if argv else ""),
+        "command": _resfuse_env() + "python -m resfuse.bench" + (" " + shlex.join(argv) if argv else ""),
         "torchvision": torchvision_version, "python": platform.python_version(),
         "device": str(args.device), "cpu_threads": torch.get_num_threads(), "preset": args.preset,
     }
