@@ -1,4 +1,4 @@
-// The resfuse operator library: the four op schemas (the contract shared by the CPU, CUDA and Triton
+// The resfuse operator library: the op schemas (the contract shared by the CPU, CUDA and Triton
 // implementations) and the `resfuse._C` Python module, which only reports how the extension was built.
 // Kernels register themselves per device with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu.
 #include <torch/extension.h>
@@ -27,6 +27,11 @@ TORCH_LIBRARY(resfuse, m) {
   // Eval-mode convolution with BatchNorm folded into weight/bias + optional residual + optional ReLU.
   m.def(
       "conv_bn_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, "
+      "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu) -> Tensor");
+  // The same op as one implicit-GEMM tensor-core kernel of ours (CUDA only: fp16/bf16, channels_last, groups 1,
+  // channel counts multiples of 8; csrc/cuda/conv_igemm.cu). Its backward is _conv_bn_act_backward.
+  m.def(
+      "conv_bn_act_igemm(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, "
       "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu) -> Tensor");
   m.def(
       "_conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor out, SymInt[2] stride, "

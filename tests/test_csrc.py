@@ -807,3 +807,108 @@ def test_cuda_bn_act_in_a_cuda_graph():
         torch.cuda.synchronize()
         for name, got, want in zip(("out", "save_mean", "save_invstd"), captured, expected):
             torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resfuse::conv_bn_act_igemm: our implicit-GEMM tensor-core conv (CUDA; fp16/bf16, channels_last, groups 1,
+# channel counts multiples of 8). (C_in, C_out, kernel, stride, H=W, dilation): every such conv of
+# ResNet-18/34/50 at its stage size, then odd ones (few channels, odd sizes, 5x5, dilation 2).
+IGEMM_CASES = [
+    (64, 64, 3, 1, 56, 1), (64, 128, 3, 2, 56, 1), (64, 128, 1, 2, 56, 1), (128, 128, 3, 1, 28, 1),
+    (128, 256, 3, 2, 28, 1), (128, 256, 1, 2, 28, 1), (256, 256, 3, 1, 14, 1), (256, 512, 3, 2, 14, 1),
+    (512, 512, 3, 1, 7, 1), (64, 256, 1, 1, 56, 1), (256, 64, 1, 1, 56, 1), (256, 128, 1, 1, 56, 1),
+    (256, 512, 1, 2, 56, 1), (128, 512, 1, 1, 28, 1), (512, 128, 1, 1, 28, 1), (512, 1024, 1, 2, 28, 1),
+    (1024, 256, 1, 1, 14, 1), (256, 1024, 1, 1, 14, 1), (1024, 2048, 1, 2, 14, 1), (2048, 512, 1, 1, 7, 1),
+    (512, 2048, 1, 1, 7, 1),
+    (8, 24, 3, 1, 13, 1), (24, 40, 5, 2, 9, 1), (16, 8, 3, 1, 11, 2), (40, 72, 3, 2, 15, 2),
+]
+
+
+def _igemm_problem(case, dtype, seed, batch=4):
+    cin, cout, k, stride, size, dil = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, size, size, generator=g).to(dtype).cuda().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(dtype).cuda()
+    w = w.contiguous(memory_format=torch.channels_last)
+    b = (torch.randn(cout, generator=g) * 0.1).to(dtype).cuda()
+    conv = dict(stride=[stride] * 2, padding=[k // 2 * dil] * 2, dilation=[dil] * 2)
+    out_shape = F.conv2d(x[:1].float(), w.float(), None, **conv).shape[1:]
+    r = torch.randn(batch, *out_shape, generator=g).to(dtype).cuda().contiguous(memory_format=torch.channels_last)
+    return x, w, b, r, conv
+
+
+def _conv_epilogue(x, w, b, r, conv, relu):
+    y = F.conv2d(x, w, None, **conv)
+    if b is not None:
+        y = y + b.view(1, -1, 1, 1)
+    if r is not None:
+        y = y + r
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", IGEMM_CASES, ids=str)
+def test_cuda_conv_bn_act_igemm_within_twice_torch_error(case, dtype):
+    """Against a float64 reference: no more than twice the error of PyTorch's own conv + epilogue in dtype."""
+    x, w, b, r, conv = _igemm_problem(case, dtype, seed=sum(case))
+    ours = ops.conv_bn_act_igemm(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, True)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == dtype
+    ref = _conv_epilogue(x.double(), w.double(), b.double(), r.double(), conv, True)
+    torch_err = rel_l2(_conv_epilogue(x, w, b, r, conv, True), ref)
+    err = rel_l2(ours, ref)
+    assert err <= 2 * torch_err, f"relative L2 error {err:.3g} > 2 x torch's {torch_err:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("use_bias,use_residual,relu", list(itertools.product([False, True], repeat=3)))
+def test_cuda_conv_bn_act_igemm_epilogue_options(use_bias, use_residual, relu):
+    x, w, b, r, conv = _igemm_problem((24, 40, 3, 2, 9, 1), torch.bfloat16, seed=171)
+    b, r = (b if use_bias else None), (r if use_residual else None)
+    ours = ops.conv_bn_act_igemm(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, relu)
+    ref = _conv_epilogue(x.double(), w.double(), None if b is None else b.double(), None if r is None else r.double(),
+                         conv, relu)
+    assert rel_l2(ours, ref) <= 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_conv_bn_act_igemm_refuses_what_it_does_not_take():
+    x, w, b, r, conv = _igemm_problem((24, 40, 3, 1, 9, 1), torch.bfloat16, seed=172)
+    args = (conv["stride"], conv["padding"], conv["dilation"])
+    with pytest.raises(RuntimeError, match="does not take"):
+        ops.conv_bn_act_igemm(x[:, :3].contiguous(memory_format=torch.channels_last), w[:, :3], b, None, *args, 1, True)
+    with pytest.raises(RuntimeError, match="does not take"):
+        ops.conv_bn_act_igemm(x.float(), w.float(), b.float(), None, *args, 1, True)
+    with pytest.raises(RuntimeError, match="does not take"):
+        ops.conv_bn_act_igemm(x.contiguous(), w, b, None, *args, 1, True)
+
+
+@pytest.mark.cuda
+def test_cuda_conv_bn_act_igemm_opcheck_and_gradients():
+    x, w, b, r, conv = _igemm_problem((16, 24, 3, 1, 10, 1), torch.bfloat16, seed=173, batch=2)
+    args = (x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, True)
+    torch.library.opcheck(ops.conv_bn_act_igemm.default, args)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, r)]
+    ours = ops.conv_bn_act_igemm(*leaves, *args[4:])
+    go = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, leaves, go)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, r)]
+    ref = _conv_epilogue(*ref_leaves, conv, True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+    for name, g, e in zip(("x", "weight", "bias", "residual"), grads, ref_grads):
+        assert rel_l2(g, e) <= 2e-2, name
+
+
+@pytest.mark.cuda
+def test_cuda_backend_takes_igemm_when_asked(monkeypatch):
+    """RESFUSE_CUDA_CONV=igemm sends the cuda backend's eval convs to the kernel (one launch); aten is the default."""
+    import resfuse
+
+    x, w, b, r, conv = _igemm_problem((64, 64, 3, 1, 14, 1), torch.bfloat16, seed=174)
+    run = lambda: resfuse.ops.conv_bn_act(x, w, b, r, 1, 1, 1, 1, True, backend="cuda")  # noqa: E731
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", "igemm")
+    run()
+    kernels = _cuda_kernels(run)
+    assert len(kernels) == 1 and "conv_igemm_kernel" in kernels[0], kernels
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", "aten")
+    assert not any("conv_igemm_kernel" in k for k in _cuda_kernels(run))

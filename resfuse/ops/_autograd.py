@@ -136,14 +136,7 @@ def register_bn_act(name: str, backward_name: str, autograd: bool = True) -> Non
         _register_autograd_kernel(name, setup_context, backward, mutated=(4, 5))
 
 
-def register_conv_bn_act(name: str, backward_name: str) -> None:
-    """Fake kernels + autograd for one conv_bn_act flavour."""
-    backward_op = getattr(torch.ops.resfuse, backward_name).default
-
-    @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
-    def _fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
-        return empty_activation(input, conv_output_shape(input, weight, stride, padding, dilation))
-
+def _register_fake_conv_backward(backward_name: str) -> None:
     @torch.library.register_fake(f"resfuse::{backward_name}", lib=_lib)
     def _fake_backward(grad_out, input, weight, out, stride, padding, dilation, groups, relu, output_mask):
         gi, gw, gb, gr = grads_like(input, weight.dtype, output_mask)
@@ -154,6 +147,19 @@ def register_conv_bn_act(name: str, backward_name: str) -> None:
         if output_mask[3]:
             gr = empty_activation(input, out.shape)
         return gi, gw, gb, gr
+
+
+def register_conv_bn_act(name: str, backward_name: str, backward_registered: bool = False) -> None:
+    """Fake kernels + autograd for one conv_bn_act flavour. ``backward_registered``: its backward op is another
+    flavour's, whose fake kernel is already registered."""
+    backward_op = getattr(torch.ops.resfuse, backward_name).default
+
+    @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
+    def _fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+        return empty_activation(input, conv_output_shape(input, weight, stride, padding, dilation))
+
+    if not backward_registered:
+        _register_fake_conv_backward(backward_name)
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, residual, stride, padding, dilation, groups, relu = inputs

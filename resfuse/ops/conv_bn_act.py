@@ -2,16 +2,20 @@
 
     out = act(conv2d(x, W') + b' [+ residual])
 
-Flavours: ``resfuse::conv_bn_act`` (C++) and ``resfuse::conv_bn_act_triton``; backward ops
-``resfuse::_conv_bn_act_backward`` and ``resfuse::_conv_bn_act_backward_triton``.
+Flavours: ``resfuse::conv_bn_act`` (C++), ``resfuse::conv_bn_act_igemm`` (CUDA) and
+``resfuse::conv_bn_act_triton``; backward ops ``resfuse::_conv_bn_act_backward`` (the first two) and
+``resfuse::_conv_bn_act_backward_triton``.
 - Triton: one implicit-GEMM kernel over NHWC with the epilogue (bias, residual, ReLU) fused in.
-- C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output.
+- C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output; or, on GPUs with
+  ``RESFUSE_CUDA_CONV=igemm``, our implicit-GEMM tensor-core kernel with the epilogue inside (one launch).
 Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
 ``backend="auto"`` on a GPU first tries cuDNN's fused conv + bias (+ add) + ReLU (``cudnn_fused.py``), the
 fastest eval path measured, when no gradient is needed.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -56,6 +60,46 @@ _autograd.define_triton_op("_conv_bn_act_backward_triton", _BACKWARD_SCHEMA, _co
 _autograd.register_conv_bn_act("conv_bn_act_triton", "_conv_bn_act_backward_triton")
 if _loader.extension is not None:
     _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward")
+    # Same contract and backward: only how the forward computes `out` differs.
+    _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True)
+
+CUDA_CONV_KERNELS = ("aten", "igemm")
+
+
+def cuda_conv_kernel() -> str:
+    """The ``cuda`` backend's eval conv on GPUs, from ``RESFUSE_CUDA_CONV``: ``aten`` (default: ATen's conv, i.e.
+    cuDNN, then our fused epilogue pass) or ``igemm`` (our implicit-GEMM tensor-core kernel with the epilogue
+    inside, ``resfuse::conv_bn_act_igemm``; calls it does not take still run ``aten``, see igemm_unusable_reason).
+    ``aten`` stays the default until ``igemm`` has been measured against it on a GPU."""
+    name = os.environ.get("RESFUSE_CUDA_CONV", "aten").strip().lower() or "aten"
+    if name not in CUDA_CONV_KERNELS:
+        raise ValueError(f"RESFUSE_CUDA_CONV={name!r}: expected one of {', '.join(CUDA_CONV_KERNELS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def igemm_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor], groups: int) -> Optional[str]:
+    """Why ``resfuse::conv_bn_act_igemm`` cannot take this call (None: it can); mirrors the kernel's own check
+    (csrc/cuda/conv_igemm.cu), which raises for what is named here."""
+    if not x.is_cuda:
+        return "not a CUDA tensor"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"{x.dtype} (the kernel takes float16 and bfloat16)"
+    if groups != 1:
+        return "a grouped convolution"
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return "an input that is not channels_last"
+    if x.shape[1] == 0 or x.shape[1] % 8 or weight.shape[0] % 8:
+        return "channel counts that are not multiples of 8"
+    if any(t is not None and t.data_ptr() % 16 for t in (x, residual)):
+        return "a tensor not aligned to 16 bytes"
+    if _capability(x.device)[0] < 8:
+        return "a GPU older than sm_80"
+    return None
 
 
 def _pair(v) -> list[int]:
@@ -109,5 +153,11 @@ def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
             return out
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    op = torch.ops.resfuse.conv_bn_act if impl == "cuda" else torch.ops.resfuse.conv_bn_act_triton
+    if impl == "triton":
+        op = torch.ops.resfuse.conv_bn_act_triton
+    elif (x.is_cuda and cuda_conv_kernel() == "igemm"
+          and igemm_unusable_reason(x, weight, residual, groups) is None):
+        op = torch.ops.resfuse.conv_bn_act_igemm
+    else:
+        op = torch.ops.resfuse.conv_bn_act
     return op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu))
