@@ -1,6 +1,8 @@
-"""The output layout rule (``memory_format_of``) against torch's own, on dense, strided and size-1 tensors."""
+"""The output layout rules (``memory_format_of`` and the Triton kernels' own) against torch's, on dense, strided
+and size-1 tensors."""
 import itertools
 
+import pytest
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -25,3 +27,11 @@ def test_memory_format_of_matches_torch():
         assert memory_format_of(t) == suggest_memory_format(t), (tuple(t.shape), t.stride())
         seen.add(memory_format_of(t))
     assert seen == {torch.contiguous_format, torch.channels_last}
+
+
+def test_triton_kernels_layout_matches_torch():
+    pytest.importorskip("triton")
+    from resfuse.triton_kernels.bn_act import suggest_memory_format as triton_layout
+
+    for t in _tensors():
+        assert triton_layout(t) == suggest_memory_format(t), (tuple(t.shape), t.stride())

@@ -446,14 +446,23 @@ def _check_activation(name: str, t: torch.Tensor) -> None:
                            "importing resfuse.triton_kernels)")
 
 
+try:
+    from torch._prims_common import suggest_memory_format as _torch_suggest_memory_format
+except ImportError:  # pragma: no cover - a torch without the private helper
+    _torch_suggest_memory_format = None
+
+
 def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
     """ATen's Tensor::suggest_memory_format(), which Python does not expose as a method."""
-    try:
-        from torch._prims_common import suggest_memory_format as _suggest
-    except ImportError:  # pragma: no cover - older/newer torch without the private helper
-        _suggest = None
-    if _suggest is not None:
-        return _suggest(x)
+    # A dense 4-D tensor in exactly one of the two layouts is decided by two C++ checks: torch's general rule
+    # costs ~7 us of Python, paid by every launch of these kernels. Fake and functional tensors (tracing) and
+    # the ambiguous cases take the general rule.
+    if x.dim() == 4 and (type(x) is torch.Tensor or type(x) is torch.nn.Parameter):
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        if x.is_contiguous() != channels_last:
+            return torch.channels_last if channels_last else torch.contiguous_format
+    if _torch_suggest_memory_format is not None:
+        return _torch_suggest_memory_format(x)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
