@@ -26,8 +26,9 @@
 //   backward_elementwise   grad_out, out, x + 2 out  257 MB                              ~86 us   (scalar: 250 us)
 //   NHWC Welford reduce    x                          51 MB, partials < 1 MB             ~17 us   (scalar: 174 us)
 //   NHWC BackwardSums      grad_out, out, x          154 MB                              ~51 us   (scalar: 144 us)
-// The reductions read 64-channel row segments per group of threads (bf16: 8 threads per 128-byte segment, 4 rows
-// per warp) and Welford computes one reciprocal per row instead of one division per element.
+// The reductions read 32- or 64-channel row segments per group of threads (vec_tile_channels; bf16 at 64: 8
+// threads per 128-byte segment, 4 rows per warp) and Welford computes one reciprocal per row, not one division
+// per element.
 // Views the vector paths cannot take (misaligned pointers, odd C in NHWC, H*W % VEC != 0 in NCHW, more than
 // 2^31 vectors) run the scalar kernels, which stay the general fallback; NCHW reductions are always scalar.
 #pragma once
@@ -56,9 +57,12 @@ constexpr int kClChannels = 32;    // NHWC reduction block: channels (x) ...
 constexpr int kClRows = 8;         // ... by rows (y)
 constexpr int64_t kMaxParts = 1024;  // upper bound on level-1 partials per channel
 constexpr int kMergeUnroll = 8;      // level 2: partials loaded at once per thread
-// NHWC vector reduction: channels per block, so that a column's last block has >= 4 threads per channel for
-// the merge (a block of 256 channels left one thread per channel to merge hundreds of partials).
-constexpr int kVecTileChannels = 64;
+// NHWC vector reduction: channels per block. The merge in a column's last block is serial per thread: a
+// 256-channel tile left one thread per channel to merge 396 partials (10x the reduction itself at C=256), a
+// 64-channel one four threads and 99 partials each at C=64 (+18 us per call against a separate merge
+// kernel). 64-channel tiles above C=64 and 32-channel ones up to it give every channel >= 4 threads and at most
+// ~25 partials each; a 32-channel row segment is still 64 contiguous bytes (bf16), whole DRAM bursts.
+inline int vec_tile_channels(int64_t channels) { return channels > 64 ? 64 : 32; }
 // Vector paths: >= 3 resident blocks of kThreads per SM (__launch_bounds__ caps registers at 80; at 64 the bf16
 // backward kernels spill) with kUnroll vectors per input stream in flight per thread: 768 threads x 2-3 streams
 // x 2 x 16 B = 48-72 KB per SM, above the ~25 KB that latency x bandwidth per SM asks for. The one-input Welford
@@ -353,7 +357,7 @@ __global__ void partial_reduce_planar_kernel(ChannelView v, int64_t tile, Op op,
 
 // NHWC level 1 on 16-byte vectors: thread (tx, ty) of a block owns channels [c0, c0 + VEC) with
 // c0 = (blockIdx.x*tx_width + tx)*VEC and reads every (kThreads / tx_width)-th row of the block's row span, so
-// the tx_width threads of a row read consecutive vectors (C=64 bf16: 8 threads per 128-byte row, 4 rows per
+// the tx_width threads of a row read consecutive vectors (C=256 bf16: 8 threads per 128-byte segment, 4 rows per
 // warp). The threads holding the same channels are then merged in a fixed tree order into partial[blockIdx.y][C].
 // Op supplies (see bn_act.cu): kV, kUnroll (rows folded per iteration), Acc (a vector accumulator with merge()),
 // Lane (the per-channel accumulator of the partials), Lanes / lanes(c0) (per-thread channel data kept in
@@ -497,8 +501,9 @@ void reduce_per_channel_cl_vec(const ChannelView& v, const at::Tensor& like, con
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t C = v.channels;
   const int64_t groups = C / Op::kV;
-  int tx_log2 = 0;  // threads per row: the smallest power of two covering the row, at most kVecTileChannels
-  while ((int64_t{1} << tx_log2) < groups && (1 << tx_log2) * Op::kV < kVecTileChannels) ++tx_log2;
+  int tx_log2 = 0;  // threads per row: the smallest power of two covering the row, at most one tile
+  const int tile_channels = vec_tile_channels(C);
+  while ((int64_t{1} << tx_log2) < groups && (1 << tx_log2) * Op::kV < tile_channels) ++tx_log2;
   const int64_t rows_y = kThreads >> tx_log2;
   const int64_t tiles = ceil_div(groups, int64_t{1} << tx_log2);
   // One wave of kBlocksPerSm blocks per SM; a block's span still gives every thread >= 2 unrolled iterations so
