@@ -639,7 +639,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   auto run = [&](auto unroll) {
     constexpr int U = decltype(unroll)::value;
     V xin[U], rin[U];
-    int32_t cs[U];
+    [[maybe_unused]] int32_t cs[U];  // channels of the U vectors (not needed with kRowFixed)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       xin[u] = xv[j + u * stride];
@@ -775,7 +775,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) backward_elementwis
   auto run = [&](auto unroll) {
     constexpr int U = decltype(unroll)::value;
     V gin[U], oin[U], xin[U];
-    int32_t cs[U];
+    [[maybe_unused]] int32_t cs[U];  // channels of the U vectors (not needed with kRowFixed)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       gin[u] = gv[j + u * stride];
