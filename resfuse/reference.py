@@ -30,7 +30,7 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     # Dense tensors in exactly one of the two layouts are decided by two C++ checks; torch's general rule costs
     # ~7 us of Python per call, which an eval block pays several times. Fake and functional tensors (tracing),
     # and tensors dense in both or neither layout, take the general rule.
-    if type(x) is Tensor or type(x) is nn.Parameter:
+    if x.dim() == 4 and (type(x) is Tensor or type(x) is nn.Parameter):
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         if x.is_contiguous() != channels_last:
             return torch.channels_last if channels_last else torch.contiguous_format

@@ -39,6 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The layout rule every resfuse op writes its output in (torch's suggest_memory_format, with a fast path for
+# dense 4-D tensors: each launch here asks it once or more).
+from ..reference import memory_format_of as suggest_memory_format
+
 # --------------------------------------------------------------------------------------------------------------
 # Launch configuration: every block-size / grid decision lives here.
 # --------------------------------------------------------------------------------------------------------------
@@ -444,30 +448,6 @@ def _check_activation(name: str, t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not _interpreting():
         raise RuntimeError("resfuse triton: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
                            "importing resfuse.triton_kernels)")
-
-
-try:
-    from torch._prims_common import suggest_memory_format as _torch_suggest_memory_format
-except ImportError:  # pragma: no cover - a torch without the private helper
-    _torch_suggest_memory_format = None
-
-
-def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """ATen's Tensor::suggest_memory_format(), which Python does not expose as a method."""
-    # A dense 4-D tensor in exactly one of the two layouts is decided by two C++ checks: torch's general rule
-    # costs ~7 us of Python, paid by every launch of these kernels. Fake and functional tensors (tracing) and
-    # the ambiguous cases take the general rule.
-    if x.dim() == 4 and (type(x) is torch.Tensor or type(x) is torch.nn.Parameter):
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        if x.is_contiguous() != channels_last:
-            return torch.channels_last if channels_last else torch.contiguous_format
-    if _torch_suggest_memory_format is not None:
-        return _torch_suggest_memory_format(x)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _layout(x: torch.Tensor) -> _Layout:
