@@ -71,6 +71,24 @@ def _host_profile(step, iters: int, top: int) -> None:
     print("\n".join("    " + line for line in text.getvalue().splitlines() if line.strip()))
 
 
+def _cpu_op_profile(step, iters: int, top: int) -> None:
+    """Host time per iteration of each operator (self and total), from torch.profiler's CPU events. Unlike
+    cProfile this sees the autograd engine's thread, where a training step's backward ops run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows) / iters
+    print(f"    host: {total:.1f} us of operator self time per iteration")
+    for e in rows[:top]:
+        print(f"    {e.self_cpu_time_total / iters:8.1f} us self {e.cpu_time_total / iters:8.1f} us total "
+              f"x{e.count // iters:<3d} {e.key[:90]}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m resfuse.bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--bench", default="basicblock", choices=[b for b in cases.BENCHES])
@@ -83,6 +101,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--top", type=int, default=12, help="kernels listed per provider")
     p.add_argument("--host", action="store_true", help="also profile the host side (cProfile, by own time)")
+    p.add_argument("--cpu-ops", action="store_true",
+                   help="also list the ATen/custom ops by host time (torch.profiler, backward's thread included)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the profile reads GPU kernel times: it needs a CUDA GPU")
@@ -109,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"  {us:9.1f} us  x{count:<3d} {kname[:110]}")
             if args.host:
                 _host_profile(runner.step, args.iters, args.top)
+            if args.cpu_ops:
+                _cpu_op_profile(runner.step, args.iters, args.top)
             runner.close()
         problem.free()
     return 0
