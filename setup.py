@@ -4,10 +4,13 @@ Environment switches:
   RESFUSE_SKIP_CSRC=1   build no extension (pure-Python install; the Triton/PyTorch paths still work).
   RESFUSE_FORCE_CUDA=1  compile the CUDA kernels even when no GPU is visible (build boxes, CI).
   RESFUSE_NO_CUDA=1     compile the CPU kernels only, even when a CUDA toolkit is available.
+  RESFUSE_NO_CUTLASS=1  leave out the Hopper convolution built on CUTLASS even when its headers are installed.
   TORCH_CUDA_ARCH_LIST  CUDA architectures to compile for (torch's variable), e.g. "8.0;9.0".
 
 The CPU kernels (csrc/resfuse.cpp, csrc/cpu/*.cpp) are always compiled. The CUDA kernels (csrc/cuda/*.cu) are
-compiled when torch is a CUDA build and nvcc is found (CUDA_HOME), or when RESFUSE_FORCE_CUDA=1.
+compiled when torch is a CUDA build and nvcc is found (CUDA_HOME), or when RESFUSE_FORCE_CUDA=1. The Hopper
+convolution (csrc/cuda/conv_sm90.cu) needs CUTLASS's headers, from the nvidia-cutlass wheel
+(``pip install --no-deps nvidia-cutlass``), and an sm_90a target in the architecture list ("9.0a").
 """
 import glob
 import importlib.util
@@ -79,6 +82,19 @@ def _link_cuda_runtime(ext, cuda_home, cuda_major):
             return
 
 
+def _cutlass_include_dirs():
+    """The C++ header folders the nvidia-cutlass wheel ships (CUTLASS and CuTe, and CUTLASS's util headers, which
+    its convolution mainloop includes), or [] when the wheel is not installed."""
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    for base in spec.submodule_search_locations:
+        include = os.path.join(base, "source", "include")
+        if os.path.isfile(os.path.join(include, "cutlass", "cutlass.h")):
+            return [include, os.path.join(base, "source", "tools", "util", "include")]
+    return []
+
+
 def _resolve_cuda_arch_list(torch):
     """The TORCH_CUDA_ARCH_LIST the build will use, setting a default where torch could not find one."""
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
@@ -86,12 +102,15 @@ def _resolve_cuda_arch_list(torch):
         return arch_list
     if torch.cuda.is_available():
         # What torch's cpp_extension derives itself from the visible GPUs.
+        # Hopper gets sm_90a, the target whose wgmma and TMA instructions the CUTLASS convolution needs.
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+        arch_list = ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in caps)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        return arch_list
     # Build box without a GPU: torch cannot detect an architecture (and fails with an empty list), so default to
-    # Hopper (sm_90), the GPUs this library targets. Users override by setting TORCH_CUDA_ARCH_LIST.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    return "9.0"
+    # Hopper (sm_90a), the GPUs this library targets. Users override by setting TORCH_CUDA_ARCH_LIST.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
+    return "9.0a"
 
 
 def _extensions():
@@ -129,6 +148,10 @@ def _extensions():
         cuda_major = (torch.version.cuda or "13").split(".")[0]
         include_dirs += _nvidia_wheel_include_dirs(cuda_major)
         define_macros += [("RESFUSE_WITH_CUDA", None), ("RESFUSE_CUDA_ARCH_LIST", f'"{arch_list}"')]
+        cutlass_dirs = [] if _env_flag("RESFUSE_NO_CUTLASS") else _cutlass_include_dirs()
+        if cutlass_dirs:
+            include_dirs += cutlass_dirs
+            define_macros.append(("RESFUSE_WITH_CUTLASS", None))
         ext = CUDAExtension(
             name="resfuse._C",
             sources=sources + cuda_sources,

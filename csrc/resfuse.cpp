@@ -33,6 +33,11 @@ TORCH_LIBRARY(resfuse, m) {
   m.def(
       "conv_bn_act_igemm(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, "
       "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu) -> Tensor");
+  // The same op on Hopper GPUs, built from CUTLASS's sm90 implicit-GEMM convolution (TMA, wgmma) with the
+  // epilogue fused in (csrc/cuda/conv_sm90.cu; same scope as conv_bn_act_igemm, sm_90a builds only).
+  m.def(
+      "conv_bn_act_sm90(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, "
+      "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu) -> Tensor");
   m.def(
       "_conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor out, SymInt[2] stride, "
       "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu, bool[4] output_mask) "
@@ -43,6 +48,14 @@ namespace {
 
 bool with_cuda() {
 #ifdef RESFUSE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool with_cutlass() {
+#ifdef RESFUSE_WITH_CUTLASS
   return true;
 #else
   return false;
@@ -63,6 +76,8 @@ pybind11::object cuda_version() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "resfuse C++/CUDA extension. The ops live in torch.ops.resfuse; this module only reports build info.";
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled into the extension.");
+  m.def("with_cutlass", &with_cutlass,
+        "Whether the Hopper convolution built on CUTLASS's headers (resfuse::conv_bn_act_sm90) was compiled in.");
   m.def("cuda_version", &cuda_version, "CUDA version the kernels were compiled with (e.g. '13.0'), or None.");
   m.def(
       "cuda_arch_list", [] { return std::string(RESFUSE_CUDA_ARCH_LIST); },

@@ -235,16 +235,21 @@ def test_auto_blocks_take_the_cudnn_route_in_eval(monkeypatch):
 
 
 def test_cuda_conv_kernel_setting(monkeypatch):
-    """RESFUSE_CUDA_CONV picks the cuda backend's eval conv on GPUs: aten by default, igemm on request, and a
+    """RESFUSE_CUDA_CONV picks the cuda backend's eval conv on GPUs: sm90 by default, aten or igemm on request, and a
     clear error for anything else; CPU tensors never take the CUDA kernel."""
-    from resfuse.ops.conv_bn_act import cuda_conv_kernel, igemm_unusable_reason
+    from resfuse.ops.conv_bn_act import cuda_conv_kernel, igemm_unusable_reason, sm90_unusable_reason
 
     monkeypatch.delenv("RESFUSE_CUDA_CONV", raising=False)
+    assert cuda_conv_kernel() == "sm90"
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", "aten")
     assert cuda_conv_kernel() == "aten"
     monkeypatch.setenv("RESFUSE_CUDA_CONV", " IGEMM ")
     assert cuda_conv_kernel() == "igemm"
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", "sm90")
+    assert cuda_conv_kernel() == "sm90"
     monkeypatch.setenv("RESFUSE_CUDA_CONV", "cutlass")
     with pytest.raises(ValueError, match="RESFUSE_CUDA_CONV"):
         cuda_conv_kernel()
     x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     assert igemm_unusable_reason(x, torch.randn(8, 8, 3, 3), None, 1) == "not a CUDA tensor"
+    assert sm90_unusable_reason(x, torch.randn(8, 8, 3, 3), None, 1) == "not a CUDA tensor"

@@ -821,7 +821,22 @@ IGEMM_CASES = [
     (1024, 256, 1, 1, 14, 1), (256, 1024, 1, 1, 14, 1), (1024, 2048, 1, 2, 14, 1), (2048, 512, 1, 1, 7, 1),
     (512, 2048, 1, 1, 7, 1),
     (8, 24, 3, 1, 13, 1), (24, 40, 5, 2, 9, 1), (16, 8, 3, 1, 11, 2), (40, 72, 3, 2, 15, 2),
+    (128, 264, 3, 1, 9, 1),  # the sm90 kernel's paired 128-wide N tiles with an odd count of them
 ]
+
+
+@pytest.fixture(params=["igemm", "sm90"])
+def igemm_op(request):
+    """Each implicit-GEMM kernel with the epilogue inside: our WMMA one (sm_80+) and the CUTLASS Hopper one
+    (sm_90, builds with CUTLASS's headers and sm_90a; skipped elsewhere, with the reason)."""
+    if request.param == "sm90":
+        from resfuse.ops.conv_bn_act import sm90_build_reason
+
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("resfuse::conv_bn_act_sm90 runs on sm_90 GPUs only")
+        if sm90_build_reason() is not None:
+            pytest.skip(f"resfuse::conv_bn_act_sm90 is not in {sm90_build_reason()}")
+    return getattr(ops, "conv_bn_act_" + request.param)
 
 
 def _igemm_problem(case, dtype, seed, batch=4):
@@ -849,10 +864,10 @@ def _conv_epilogue(x, w, b, r, conv, relu):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", IGEMM_CASES, ids=str)
-def test_cuda_conv_bn_act_igemm_within_twice_torch_error(case, dtype):
+def test_cuda_conv_bn_act_igemm_within_twice_torch_error(igemm_op, case, dtype):
     """Against a float64 reference: no more than twice the error of PyTorch's own conv + epilogue in dtype."""
     x, w, b, r, conv = _igemm_problem(case, dtype, seed=sum(case))
-    ours = ops.conv_bn_act_igemm(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, True)
+    ours = igemm_op(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, True)
     assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == dtype
     ref = _conv_epilogue(x.double(), w.double(), b.double(), r.double(), conv, True)
     torch_err = rel_l2(_conv_epilogue(x, w, b, r, conv, True), ref)
@@ -862,34 +877,34 @@ def test_cuda_conv_bn_act_igemm_within_twice_torch_error(case, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("use_bias,use_residual,relu", list(itertools.product([False, True], repeat=3)))
-def test_cuda_conv_bn_act_igemm_epilogue_options(use_bias, use_residual, relu):
+def test_cuda_conv_bn_act_igemm_epilogue_options(igemm_op, use_bias, use_residual, relu):
     x, w, b, r, conv = _igemm_problem((24, 40, 3, 2, 9, 1), torch.bfloat16, seed=171)
     b, r = (b if use_bias else None), (r if use_residual else None)
-    ours = ops.conv_bn_act_igemm(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, relu)
+    ours = igemm_op(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, relu)
     ref = _conv_epilogue(x.double(), w.double(), None if b is None else b.double(), None if r is None else r.double(),
                          conv, relu)
     assert rel_l2(ours, ref) <= 1e-2
 
 
 @pytest.mark.cuda
-def test_cuda_conv_bn_act_igemm_refuses_what_it_does_not_take():
+def test_cuda_conv_bn_act_igemm_refuses_what_it_does_not_take(igemm_op):
     x, w, b, r, conv = _igemm_problem((24, 40, 3, 1, 9, 1), torch.bfloat16, seed=172)
     args = (conv["stride"], conv["padding"], conv["dilation"])
     with pytest.raises(RuntimeError, match="does not take"):
-        ops.conv_bn_act_igemm(x[:, :3].contiguous(memory_format=torch.channels_last), w[:, :3], b, None, *args, 1, True)
+        igemm_op(x[:, :3].contiguous(memory_format=torch.channels_last), w[:, :3], b, None, *args, 1, True)
     with pytest.raises(RuntimeError, match="does not take"):
-        ops.conv_bn_act_igemm(x.float(), w.float(), b.float(), None, *args, 1, True)
+        igemm_op(x.float(), w.float(), b.float(), None, *args, 1, True)
     with pytest.raises(RuntimeError, match="does not take"):
-        ops.conv_bn_act_igemm(x.contiguous(), w, b, None, *args, 1, True)
+        igemm_op(x.contiguous(), w, b, None, *args, 1, True)
 
 
 @pytest.mark.cuda
-def test_cuda_conv_bn_act_igemm_opcheck_and_gradients():
+def test_cuda_conv_bn_act_igemm_opcheck_and_gradients(igemm_op):
     x, w, b, r, conv = _igemm_problem((16, 24, 3, 1, 10, 1), torch.bfloat16, seed=173, batch=2)
     args = (x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, True)
-    torch.library.opcheck(ops.conv_bn_act_igemm.default, args)
+    torch.library.opcheck(igemm_op.default, args)
     leaves = [t.detach().requires_grad_() for t in (x, w, b, r)]
-    ours = ops.conv_bn_act_igemm(*leaves, *args[4:])
+    ours = igemm_op(*leaves, *args[4:])
     go = torch.randn_like(ours)
     grads = torch.autograd.grad(ours, leaves, go)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, r)]
@@ -901,7 +916,7 @@ def test_cuda_conv_bn_act_igemm_opcheck_and_gradients():
 
 @pytest.mark.cuda
 def test_cuda_backend_takes_igemm_when_asked(monkeypatch):
-    """RESFUSE_CUDA_CONV=igemm sends the cuda backend's eval convs to the kernel (one launch); aten is the default."""
+    """RESFUSE_CUDA_CONV=igemm sends the cuda backend's eval convs to the kernel (one launch), =aten to cuDNN."""
     import resfuse
 
     x, w, b, r, conv = _igemm_problem((64, 64, 3, 1, 14, 1), torch.bfloat16, seed=174)
@@ -912,3 +927,22 @@ def test_cuda_backend_takes_igemm_when_asked(monkeypatch):
     assert len(kernels) == 1 and "conv_igemm_kernel" in kernels[0], kernels
     monkeypatch.setenv("RESFUSE_CUDA_CONV", "aten")
     assert not any("conv_igemm_kernel" in k for k in _cuda_kernels(run))
+
+
+@pytest.mark.cuda
+def test_cuda_backend_takes_sm90_when_asked(monkeypatch):
+    """RESFUSE_CUDA_CONV=sm90 sends the cuda backend's eval convs to the CUTLASS Hopper kernel (one launch)."""
+    import resfuse
+    from resfuse.ops.conv_bn_act import sm90_unusable_reason
+
+    x, w, b, r, conv = _igemm_problem((64, 64, 3, 1, 14, 1), torch.bfloat16, seed=175)
+    reason = sm90_unusable_reason(x, w, r, 1)
+    if reason is not None:
+        pytest.skip(f"resfuse::conv_bn_act_sm90 does not run here: {reason}")
+    run = lambda: resfuse.ops.conv_bn_act(x, w, b, r, 1, 1, 1, 1, True, backend="cuda")  # noqa: E731
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", "sm90")
+    out = run()
+    kernels = _cuda_kernels(run)
+    assert len(kernels) == 1 and "ConvUniversal" in kernels[0], kernels
+    ref = _conv_epilogue(x.double(), w.double(), b.double(), r.double(), conv, True)
+    assert rel_l2(out, ref) <= 1e-2

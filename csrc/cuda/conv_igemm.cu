@@ -12,6 +12,7 @@
 // never straddles a filter tap, a tile edge or the channel end), sm_80 or newer. conv_igemm_unsupported() names
 // what else is refused; the caller routes those calls to conv_bn_act (ATen's conv + our epilogue).
 #include "channel_view.cuh"
+#include "conv_sm90.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 
 namespace resfuse::cuda {
 namespace {
@@ -218,7 +220,7 @@ int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
 }
 
-// Why the kernel cannot run this call (nullptr: it can).
+// Why neither implicit-GEMM kernel can run this call (nullptr: both can, hardware aside).
 const char* conv_igemm_unsupported(const at::Tensor& input, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& residual, int64_t groups) {
   if (!input.is_cuda()) return "not a CUDA tensor";
@@ -228,7 +230,6 @@ const char* conv_igemm_unsupported(const at::Tensor& input, const at::Tensor& we
   if (input.size(1) == 0) return "an input without channels";
   if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) return "the input is not channels_last";
   if (input.size(1) % 8 != 0 || weight.size(0) % 8 != 0) return "channel counts that are not multiples of 8";
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return "a GPU older than sm_80";
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   if (input.numel() > kMax || weight.numel() > kMax) return "tensors of 2^31 elements or more";
   if (reinterpret_cast<std::uintptr_t>(input.data_ptr()) % 16 != 0) return "an input not aligned to 16 bytes";
@@ -238,43 +239,61 @@ const char* conv_igemm_unsupported(const at::Tensor& input, const at::Tensor& we
   return nullptr;
 }
 
-at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  int64_t groups, bool relu) {
-  constexpr const char* op = "resfuse::conv_bn_act_igemm";
+// What both kernels take: the checked call, its output (NHWC) and its operands as dense NHWC / KRSC tensors.
+struct IgemmCall {
+  at::Tensor out, weight, bias, residual;
+  int64_t oh = 0, ow = 0;
+};
+
+IgemmCall prepare_igemm_call(const char* op, const char* hardware_reason, const at::Tensor& input,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_conv_args(input, weight, stride, padding, dilation, groups, op);
   check_optional_per_channel(bias, weight.size(0), input, op, "bias");
   const char* reason = conv_igemm_unsupported(input, weight, residual, groups);
+  if (reason == nullptr) reason = hardware_reason;
   TORCH_CHECK(reason == nullptr, op, ": this kernel does not take ", reason ? reason : "",
               "; resfuse::conv_bn_act runs any convolution");
   TORCH_CHECK(weight.size(1) == input.size(1), op, ": expected input with ", weight.size(1), " channels, got ",
               input.size(1));
-  const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t n = input.size(0), cin = input.size(1), h = input.size(2), wd = input.size(3);
-  const int64_t cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
-  const int64_t oh = out_size(h, kh, stride[0], padding[0], dilation[0]);
-  const int64_t ow = out_size(wd, kw, stride[1], padding[1], dilation[1]);
-  TORCH_CHECK(oh > 0 && ow > 0, op, ": the output would be empty (", oh, "x", ow, ")");
-  at::Tensor out = at::empty({n, cout, oh, ow}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  check_conv_residual(residual, out, op);
-  TORCH_CHECK(out.numel() <= std::numeric_limits<int32_t>::max(), op, ": outputs of 2^31 elements or more");
+  IgemmCall call;
+  call.oh = out_size(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+  call.ow = out_size(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+  TORCH_CHECK(call.oh > 0 && call.ow > 0, op, ": the output would be empty (", call.oh, "x", call.ow, ")");
+  call.out = at::empty({input.size(0), weight.size(0), call.oh, call.ow},
+                       input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  check_conv_residual(residual, call.out, op);
+  TORCH_CHECK(call.out.numel() <= std::numeric_limits<int32_t>::max(), op, ": outputs of 2^31 elements or more");
+  call.weight = weight.contiguous(at::MemoryFormat::ChannelsLast);  // OHWI (KRSC): contiguous in k
+  if (reinterpret_cast<std::uintptr_t>(call.weight.data_ptr()) % 16 != 0) {
+    call.weight = call.weight.clone(at::MemoryFormat::ChannelsLast);  // a view at an odd offset: the copy is aligned
+  }
+  if (present(bias)) call.bias = bias->to(input.scalar_type()).contiguous();
+  if (present(residual)) call.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  return call;
+}
+
+at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, bool relu) {
+  const char* hardware = input.is_cuda() && at::cuda::getCurrentDeviceProperties()->major < 8
+                             ? "a GPU older than sm_80" : nullptr;
+  const IgemmCall call = prepare_igemm_call("resfuse::conv_bn_act_igemm", hardware, input, weight, bias, residual,
+                                            stride, padding, dilation, groups);
+  const at::Tensor& out = call.out;
   if (out.numel() == 0) {
     return out;
   }
-  at::Tensor wt = weight.contiguous(at::MemoryFormat::ChannelsLast);  // OHWI: B's columns contiguous in k
-  if (reinterpret_cast<std::uintptr_t>(wt.data_ptr()) % 16 != 0) {
-    wt = wt.clone(at::MemoryFormat::ChannelsLast);  // a view at an odd offset: the copy is aligned
-  }
-  const at::Tensor b = present(bias) ? bias->to(input.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor res = present(residual) ? residual->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
-
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t cin = input.size(1), kh = weight.size(2), kw = weight.size(3), cout = weight.size(0);
   IgemmShape s{};
-  s.h = static_cast<int>(h);
-  s.w = static_cast<int>(wd);
+  s.h = static_cast<int>(input.size(2));
+  s.w = static_cast<int>(input.size(3));
   s.cin = static_cast<int>(cin);
-  s.oh = static_cast<int>(oh);
-  s.ow = static_cast<int>(ow);
+  s.oh = static_cast<int>(call.oh);
+  s.ow = static_cast<int>(call.ow);
   s.cout = static_cast<int>(cout);
   s.kw = static_cast<int>(kw);
   s.sh = static_cast<int>(stride[0]);
@@ -283,14 +302,15 @@ at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& wei
   s.pw = static_cast<int>(padding[1]);
   s.dh = static_cast<int>(dilation[0]);
   s.dw = static_cast<int>(dilation[1]);
-  s.m = static_cast<int>(n * oh * ow);
+  s.m = static_cast<int>(input.size(0) * call.oh * call.ow);
   s.k = static_cast<int>(kh * kw * cin);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.m, kBM)), static_cast<unsigned>(ceil_div(cout, kBN)));
   auto launch = [&](auto tag) {
     using scalar_t = decltype(tag);
     conv_igemm_kernel<scalar_t><<<grid, kIgemmThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        s, input.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-        res.defined() ? res.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), relu);
+        s, input.data_ptr<scalar_t>(), call.weight.data_ptr<scalar_t>(),
+        call.bias.defined() ? call.bias.data_ptr<scalar_t>() : nullptr,
+        call.residual.defined() ? call.residual.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), relu);
   };
   if (input.scalar_type() == at::kHalf) {
     launch(at::Half{});
@@ -301,9 +321,60 @@ at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& wei
   return out;
 }
 
+// Why the Hopper kernel (csrc/cuda/conv_sm90.cu) cannot run on this machine and build (nullptr: it can).
+const char* conv_sm90_hardware_reason(const at::Tensor& input) {
+  if (!conv_sm90_compiled()) return "a build without CUTLASS's headers";
+  if (std::string(RESFUSE_CUDA_ARCH_LIST).find("9.0a") == std::string::npos) {
+    return "a build without sm_90a (TORCH_CUDA_ARCH_LIST lacks 9.0a)";
+  }
+  if (input.is_cuda() && at::cuda::getDeviceProperties(input.get_device())->major != 9) {
+    return "a GPU other than sm_90 (Hopper)";
+  }
+  return nullptr;
+}
+
+at::Tensor conv_bn_act_sm90_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, bool relu) {
+  constexpr const char* op = "resfuse::conv_bn_act_sm90";
+  const IgemmCall call = prepare_igemm_call(op, conv_sm90_hardware_reason(input), input, weight, bias, residual,
+                                            stride, padding, dilation, groups);
+  if (call.out.numel() == 0) {
+    return call.out;
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  ConvSm90Problem p{};
+  p.n = static_cast<int>(input.size(0));
+  p.h = static_cast<int>(input.size(2));
+  p.w = static_cast<int>(input.size(3));
+  p.c = static_cast<int>(input.size(1));
+  p.k = static_cast<int>(weight.size(0));
+  p.r = static_cast<int>(weight.size(2));
+  p.s = static_cast<int>(weight.size(3));
+  p.pad_h = static_cast<int>(padding[0]);
+  p.pad_w = static_cast<int>(padding[1]);
+  p.stride_h = static_cast<int>(stride[0]);
+  p.stride_w = static_cast<int>(stride[1]);
+  p.dil_h = static_cast<int>(dilation[0]);
+  p.dil_w = static_cast<int>(dilation[1]);
+  p.fp16 = input.scalar_type() == at::kHalf;
+  p.relu = relu;
+  p.input = input.data_ptr();
+  p.weight = call.weight.data_ptr();
+  p.bias = call.bias.defined() ? call.bias.data_ptr() : nullptr;
+  p.residual = call.residual.defined() ? call.residual.data_ptr() : nullptr;
+  p.out = call.out.data_ptr();
+  const char* error = conv_sm90_run(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == nullptr, op, ": ", error ? error : "");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return call.out;
+}
+
 }  // namespace
 }  // namespace resfuse::cuda
 
 TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
   m.impl("conv_bn_act_igemm", &resfuse::cuda::conv_bn_act_igemm_cuda);
+  m.impl("conv_bn_act_sm90", &resfuse::cuda::conv_bn_act_sm90_cuda);
 }

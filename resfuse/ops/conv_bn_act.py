@@ -6,8 +6,10 @@ Flavours: ``resfuse::conv_bn_act`` (C++), ``resfuse::conv_bn_act_igemm`` (CUDA) 
 ``resfuse::conv_bn_act_triton``; backward ops ``resfuse::_conv_bn_act_backward`` (the first two) and
 ``resfuse::_conv_bn_act_backward_triton``.
 - Triton: one implicit-GEMM kernel over NHWC with the epilogue (bias, residual, ReLU) fused in.
-- C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output; or, on GPUs with
-  ``RESFUSE_CUDA_CONV=igemm``, our implicit-GEMM tensor-core kernel with the epilogue inside (one launch).
+- C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output; or, on GPUs, one
+  implicit-GEMM tensor-core kernel with the epilogue inside (one launch), picked by ``RESFUSE_CUDA_CONV``:
+  ``resfuse::conv_bn_act_sm90`` (Hopper: CUTLASS's TMA + wgmma convolution, csrc/cuda/conv_sm90.cu) or
+  ``resfuse::conv_bn_act_igemm`` (sm_80+: our WMMA kernel, csrc/cuda/conv_igemm.cu).
 Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
 ``backend="auto"`` on a GPU first tries cuDNN's fused conv + bias (+ add) + ReLU (``cudnn_fused.py``), the
 fastest eval path measured, when no gradient is needed.
@@ -62,16 +64,18 @@ if _loader.extension is not None:
     _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward")
     # Same contract and backward: only how the forward computes `out` differs.
     _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True)
+    _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True)
 
-CUDA_CONV_KERNELS = ("aten", "igemm")
+CUDA_CONV_KERNELS = ("aten", "igemm", "sm90")
 
 
 def cuda_conv_kernel() -> str:
-    """The ``cuda`` backend's eval conv on GPUs, from ``RESFUSE_CUDA_CONV``: ``aten`` (default: ATen's conv, i.e.
-    cuDNN, then our fused epilogue pass) or ``igemm`` (our implicit-GEMM tensor-core kernel with the epilogue
-    inside, ``resfuse::conv_bn_act_igemm``; calls it does not take still run ``aten``, see igemm_unusable_reason).
-    ``aten`` stays the default until ``igemm`` has been measured against it on a GPU."""
-    name = os.environ.get("RESFUSE_CUDA_CONV", "aten").strip().lower() or "aten"
+    """The ``cuda`` backend's eval conv on GPUs, from ``RESFUSE_CUDA_CONV``: ``sm90`` (default:
+    ``resfuse::conv_bn_act_sm90``, one launch, on Hopper), ``igemm`` (our WMMA implicit-GEMM kernel with the
+    epilogue inside, ``resfuse::conv_bn_act_igemm``, sm_80+) or ``aten`` (ATen's conv, i.e. cuDNN, then our fused
+    epilogue pass). Calls the chosen kernel does not take run ``aten`` (see sm90_unusable_reason,
+    igemm_unusable_reason): other GPUs, channel counts that are not multiples of 8, fp32, NCHW, groups."""
+    name = os.environ.get("RESFUSE_CUDA_CONV", "sm90").strip().lower() or "sm90"
     if name not in CUDA_CONV_KERNELS:
         raise ValueError(f"RESFUSE_CUDA_CONV={name!r}: expected one of {', '.join(CUDA_CONV_KERNELS)}")
     return name
@@ -100,6 +104,34 @@ def igemm_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor],
     if _capability(x.device)[0] < 8:
         return "a GPU older than sm_80"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_build_reason() -> Optional[str]:
+    """Why this build holds no runnable resfuse::conv_bn_act_sm90 (None: it does)."""
+    ext = _loader.extension
+    if ext is None or not ext.with_cuda():
+        return "a build without the CUDA kernels"
+    if not ext.with_cutlass():
+        return "a build without CUTLASS's headers (pip install --no-deps nvidia-cutlass, then rebuild)"
+    if "9.0a" not in ext.cuda_arch_list().replace(" ", ";").split(";"):
+        return "a build without sm_90a (TORCH_CUDA_ARCH_LIST lacks 9.0a)"
+    return None
+
+
+def sm90_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor], groups: int) -> Optional[str]:
+    """Why ``resfuse::conv_bn_act_sm90`` cannot take this call (None: it can): igemm's scope, on an sm_90 GPU,
+    from a build that holds the kernel; mirrors the op's own check (csrc/cuda/conv_igemm.cu)."""
+    reason = igemm_unusable_reason(x, weight, residual, groups)
+    if reason is not None:
+        return reason
+    if _capability(x.device) != (9, 0):
+        return "a GPU other than sm_90 (Hopper)"
+    return sm90_build_reason()
+
+
+_UNUSABLE = {"igemm": igemm_unusable_reason, "sm90": sm90_unusable_reason}
+_CUDA_CONV_OPS = {"igemm": "conv_bn_act_igemm", "sm90": "conv_bn_act_sm90"}
 
 
 def _pair(v) -> list[int]:
@@ -155,9 +187,10 @@ def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     if impl == "triton":
         op = torch.ops.resfuse.conv_bn_act_triton
-    elif (x.is_cuda and cuda_conv_kernel() == "igemm"
-          and igemm_unusable_reason(x, weight, residual, groups) is None):
-        op = torch.ops.resfuse.conv_bn_act_igemm
     else:
         op = torch.ops.resfuse.conv_bn_act
+        if x.is_cuda:
+            kernel = cuda_conv_kernel()
+            if kernel != "aten" and _UNUSABLE[kernel](x, weight, residual, groups) is None:
+                op = getattr(torch.ops.resfuse, _CUDA_CONV_OPS[kernel])
     return op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu))

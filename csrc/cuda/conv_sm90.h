@@ -1,0 +1,32 @@
+// The interface between resfuse::conv_bn_act_sm90 (csrc/cuda/conv_igemm.cu, torch side) and its kernel
+// (csrc/cuda/conv_sm90.cu, CUTLASS side). Plain types only, so neither file has to include the other's headers:
+// CUTLASS's Hopper templates and torch's headers are each heavy to compile.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+namespace resfuse::cuda {
+
+// out[n, p, q, k] = act(sum_{r, s, c} x[n, p*sh - ph + r*dh, q*sw - pw + s*dw, c] * w[k, r, s, c] + bias[k]
+//                       + residual[n, p, q, k]),  every tensor dense NHWC (the weight KRSC), one dtype.
+struct ConvSm90Problem {
+  int n, h, w, c;            // input
+  int k, r, s;               // weight: output channels, filter height and width
+  int pad_h, pad_w, stride_h, stride_w, dil_h, dil_w;
+  bool fp16;                 // the dtype of every tensor: float16, else bfloat16
+  bool relu;
+  const void* input;
+  const void* weight;
+  const void* bias;          // [k] or nullptr
+  const void* residual;      // shaped like out, or nullptr
+  void* out;
+};
+
+// Whether this build holds the kernel: compiled with CUTLASS's headers (RESFUSE_WITH_CUTLASS).
+bool conv_sm90_compiled();
+
+// Runs the convolution on `stream`. Returns nullptr on success, else why CUTLASS refused the problem (nothing
+// ran). Needs an sm_90 GPU and a build for sm_90a; the caller checks both.
+const char* conv_sm90_run(const ConvSm90Problem& problem, cudaStream_t stream);
+
+}  // namespace resfuse::cuda
