@@ -1,5 +1,6 @@
 """resfuse.ops.conv_bn_act (eval-mode conv + folded BN + residual + ReLU) against F.conv2d, every backend."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -253,3 +254,27 @@ def test_cuda_conv_kernel_setting(monkeypatch):
     x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     assert igemm_unusable_reason(x, torch.randn(8, 8, 3, 3), None, 1) == "not a CUDA tensor"
     assert sm90_unusable_reason(x, torch.randn(8, 8, 3, 3), None, 1) == "not a CUDA tensor"
+
+
+@pytest.mark.skipif(resfuse._loader.extension is None, reason="needs the C++ extension (resfuse._C)")
+@pytest.mark.parametrize("with_bias,with_residual", list(itertools.product([False, True], repeat=2)))
+@pytest.mark.parametrize("needs", ["all", "input", "weight", "bias"])
+def test_cpp_autograd_routes_each_gradient(with_bias, with_residual, needs):
+    """resfuse::conv_bn_act's C++ autograd (csrc/conv_bn_act_autograd.cpp) records a C++ node and hands each
+    gradient to its own input, with bias and residual optional and any subset of inputs needing one."""
+    conv = dict(stride=[2, 2], padding=[1, 1], dilation=[1, 1])
+    x = randn(2, 4, 7, 7, dtype=torch.float64, seed=11)
+    w = randn(6, 4, 3, 3, dtype=torch.float64, seed=12)
+    b = randn(6, dtype=torch.float64, seed=13) if with_bias else None
+    r = randn(*out_shape(x.shape, w.shape, 2, 1, 1), dtype=torch.float64, seed=14) if with_residual else None
+    if needs == "bias" and b is None:
+        pytest.skip("no bias to differentiate")
+    wanted = {"all": (x, w, b, r), "input": (x,), "weight": (w,), "bias": (b,)}[needs]
+    leaves = [t.requires_grad_() for t in wanted if t is not None]
+    out = torch.ops.resfuse.conv_bn_act(x, w, b, r, *conv.values(), 1, True)
+    assert "ConvBnActFunction" in out.grad_fn.name()
+    go = randn(*out.shape, dtype=torch.float64, seed=15)
+    grads = torch.autograd.grad(out, leaves, go)
+    expected = torch.autograd.grad(reference(x, w, b, r, 2, 1, 1, 1, True), leaves, go)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)

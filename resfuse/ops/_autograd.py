@@ -149,17 +149,20 @@ def _register_fake_conv_backward(backward_name: str) -> None:
         return gi, gw, gb, gr
 
 
-def register_conv_bn_act(name: str, backward_name: str, backward_registered: bool = False) -> None:
+def register_conv_bn_act(name: str, backward_name: str, backward_registered: bool = False,
+                         autograd: bool = True) -> None:
     """Fake kernels + autograd for one conv_bn_act flavour. ``backward_registered``: its backward op is another
-    flavour's, whose fake kernel is already registered."""
-    backward_op = getattr(torch.ops.resfuse, backward_name).default
-
+    flavour's, whose fake kernel is already registered. ``autograd=False``: the op's autograd kernel is
+    registered elsewhere (the C++ flavours', in csrc/conv_bn_act_autograd.cpp, with this module's formula)."""
     @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
     def _fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
         return empty_activation(input, conv_output_shape(input, weight, stride, padding, dilation))
 
     if not backward_registered:
         _register_fake_conv_backward(backward_name)
+    if not autograd:
+        return
+    backward_op = getattr(torch.ops.resfuse, backward_name).default
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, residual, stride, padding, dilation, groups, relu = inputs

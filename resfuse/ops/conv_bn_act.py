@@ -61,10 +61,13 @@ _autograd.define_triton_op("conv_bn_act_triton", _SCHEMA, conv_bn_act_triton)
 _autograd.define_triton_op("_conv_bn_act_backward_triton", _BACKWARD_SCHEMA, _conv_bn_act_backward_triton)
 _autograd.register_conv_bn_act("conv_bn_act_triton", "_conv_bn_act_backward_triton")
 if _loader.extension is not None:
-    _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward")
-    # Same contract and backward: only how the forward computes `out` differs.
-    _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True)
-    _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True)
+    # Their autograd kernels are C++ (csrc/conv_bn_act_autograd.cpp): less host time per eval conv. The three
+    # share the contract and the backward; only how the forward computes `out` differs.
+    _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward", autograd=False)
+    _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True,
+                                   autograd=False)
+    _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True,
+                                   autograd=False)
 
 CUDA_CONV_KERNELS = ("aten", "igemm", "sm90")
 

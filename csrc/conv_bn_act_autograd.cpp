@@ -1,0 +1,118 @@
+// Autograd of the C++ flavours of resfuse::conv_bn_act (ATen's conv + our epilogue, and the one-kernel
+// conv_bn_act_igemm and conv_bn_act_sm90), registered in C++ for every device.
+//
+// An eval-mode block calls these ops once per conv, and at N=128 on an H100 a block is partly bound by host
+// time (benchmarks/NOTES.md): an autograd kernel written in Python is entered on every call, no_grad included,
+// and costs interpreter time there, where this one costs a C++ call. The Triton flavour keeps the Python kernel
+// (resfuse/ops/_autograd.py); all share one backward formula, the resfuse::_conv_bn_act_backward op (the
+// Triton flavour's own), so torch.compile traces the backward as that op.
+#include "common.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace resfuse {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+using ConvBnActSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                      c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt,
+                                      bool);
+using ConvBnActOp = c10::TypedOperatorHandle<ConvBnActSignature>;
+using ConvBnActBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef,
+    c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymInt, bool, std::array<bool, 4>);
+
+const c10::TypedOperatorHandle<ConvBnActBackwardSignature>& conv_bn_act_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resfuse::_conv_bn_act_backward", "")
+                             .typed<ConvBnActBackwardSignature>();
+  return op;
+}
+
+class ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const ConvBnActOp* op, const at::Tensor& input,
+                               const at::Tensor& weight, const OptTensor& bias, const OptTensor& residual,
+                               c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation,
+                               c10::SymInt groups, bool relu) {
+    at::AutoDispatchBelowAutograd below_autograd;  // the device kernel, not this one again
+    at::Tensor out = op->call(input, weight, bias, residual, stride, padding, dilation, groups, relu);
+    ctx->save_for_backward({input, weight, out});
+    // needs_input_grad counts only the tensors given: the edge of each optional input, or -1.
+    int64_t edge = 2;  // input and weight are edges 0 and 1
+    ctx->saved_data["bias"] = present(bias) ? edge++ : int64_t(-1);
+    ctx->saved_data["residual"] = present(residual) ? edge++ : int64_t(-1);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["relu"] = relu;
+    return {out};
+  }
+
+  // One gradient per forward argument after ctx (10, the op handle first); undefined ones are None.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& out = saved[2];
+    auto needs = [&](const char* name) {
+      const int64_t edge = ctx->saved_data[name].toInt();
+      return edge >= 0 && ctx->needs_input_grad(edge);
+    };
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), needs("bias"),
+                                      needs("residual")};
+    variable_list result(10);
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) {
+      return result;
+    }
+    const auto stride = ctx->saved_data["stride"].toSymIntVector();
+    const auto padding = ctx->saved_data["padding"].toSymIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toSymIntVector();
+    auto [grad_input, grad_weight, grad_bias, grad_residual] = conv_bn_act_backward_op().call(
+        grads[0].contiguous(out.suggest_memory_format()), saved[0], saved[1], out, stride, padding, dilation,
+        ctx->saved_data["groups"].toSymInt(), ctx->saved_data["relu"].toBool(), mask);
+    if (mask[0]) result[1] = grad_input;
+    if (mask[1]) result[2] = grad_weight;
+    if (mask[2]) result[3] = grad_bias;
+    if (mask[3]) result[4] = grad_residual;
+    return result;
+  }
+};
+
+// The Autograd kernel of the flavour named Flavour::kName.
+template <class Flavour>
+at::Tensor conv_bn_act_autograd(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                                const OptTensor& residual, c10::SymIntArrayRef stride, c10::SymIntArrayRef padding,
+                                c10::SymIntArrayRef dilation, c10::SymInt groups, bool relu) {
+  static const ConvBnActOp op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(Flavour::kName, "").template typed<ConvBnActSignature>();
+  return ConvBnActFunction::apply(&op, input, weight, bias, residual, stride, padding, dilation, std::move(groups),
+                                  relu)[0];
+}
+
+struct AtenConv {
+  static constexpr const char* kName = "resfuse::conv_bn_act";
+};
+struct IgemmConv {
+  static constexpr const char* kName = "resfuse::conv_bn_act_igemm";
+};
+struct HopperConv {
+  static constexpr const char* kName = "resfuse::conv_bn_act_sm90";
+};
+
+}  // namespace
+}  // namespace resfuse
+
+TORCH_LIBRARY_IMPL(resfuse, Autograd, m) {
+  m.impl("conv_bn_act", &resfuse::conv_bn_act_autograd<resfuse::AtenConv>);
+  m.impl("conv_bn_act_igemm", &resfuse::conv_bn_act_autograd<resfuse::IgemmConv>);
+  m.impl("conv_bn_act_sm90", &resfuse::conv_bn_act_autograd<resfuse::HopperConv>);
+}
