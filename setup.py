@@ -101,10 +101,13 @@ def _resolve_cuda_arch_list(torch):
     if arch_list and arch_list != "native":
         return arch_list
     if torch.cuda.is_available():
-        # What torch's cpp_extension derives itself from the visible GPUs.
-        # Hopper gets sm_90a, the target whose wgmma and TMA instructions the CUTLASS convolution needs.
+        # What torch's cpp_extension derives itself from the visible GPUs (PTX of the newest for later ones),
+        # except that Hopper gets sm_90a, whose wgmma and TMA instructions the CUTLASS convolution needs (its
+        # PTX runs on sm_90 alone, so it gets none).
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         arch_list = ";".join(f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "") for major, minor in caps)
+        if not arch_list.endswith("a"):
+            arch_list += "+PTX"
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         return arch_list
     # Build box without a GPU: torch cannot detect an architecture (and fails with an empty list), so default to
