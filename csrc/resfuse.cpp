@@ -13,6 +13,9 @@
 #ifdef RESFUSE_WITH_CUDA
 namespace resfuse {
 int compiled_cuda_runtime_version();  // csrc/cuda/bn_act.cu: CUDART_VERSION as nvcc saw it
+namespace cuda {
+const char* conv_sm90_build_reason();  // csrc/cuda/conv_sm90.cu
+}
 }
 #endif
 
@@ -62,6 +65,15 @@ bool with_cutlass() {
 #endif
 }
 
+pybind11::object sm90_build_reason() {
+#ifdef RESFUSE_WITH_CUDA
+  const char* reason = resfuse::cuda::conv_sm90_build_reason();
+  return reason == nullptr ? pybind11::none() : pybind11::object(pybind11::str(reason));
+#else
+  return pybind11::str("a build without the CUDA kernels");
+#endif
+}
+
 pybind11::object cuda_version() {
 #ifdef RESFUSE_WITH_CUDA
   const int v = resfuse::compiled_cuda_runtime_version();  // e.g. 13000 -> "13.0"
@@ -78,6 +90,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &with_cuda, "Whether the CUDA kernels were compiled into the extension.");
   m.def("with_cutlass", &with_cutlass,
         "Whether the Hopper convolution built on CUTLASS's headers (resfuse::conv_bn_act_sm90) was compiled in.");
+  m.def("sm90_build_reason", &sm90_build_reason,
+        "Why resfuse::conv_bn_act_sm90 cannot run from this build (None: it can, on an sm_90 GPU).");
   m.def("cuda_version", &cuda_version, "CUDA version the kernels were compiled with (e.g. '13.0'), or None.");
   m.def(
       "cuda_arch_list", [] { return std::string(RESFUSE_CUDA_ARCH_LIST); },

@@ -20,7 +20,6 @@
 #include <torch/library.h>
 
 #include <limits>
-#include <string>
 
 namespace resfuse::cuda {
 namespace {
@@ -323,9 +322,7 @@ at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& wei
 
 // Why the Hopper kernel (csrc/cuda/conv_sm90.cu) cannot run on this machine and build (nullptr: it can).
 const char* conv_sm90_hardware_reason(const at::Tensor& input) {
-  if (!conv_sm90_compiled()) return "a build without CUTLASS's headers";
-  static const bool built_for_sm90a = std::string(RESFUSE_CUDA_ARCH_LIST).find("9.0a") != std::string::npos;
-  if (!built_for_sm90a) return "a build without sm_90a (TORCH_CUDA_ARCH_LIST lacks 9.0a)";
+  if (const char* reason = conv_sm90_build_reason()) return reason;
   if (input.is_cuda() && at::cuda::getDeviceProperties(input.get_device())->major != 9) {
     return "a GPU other than sm_90 (Hopper)";
   }

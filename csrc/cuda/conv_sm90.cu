@@ -31,6 +31,12 @@
 #include <limits>
 #endif
 
+#include <string>
+
+#ifndef RESFUSE_CUDA_ARCH_LIST
+#define RESFUSE_CUDA_ARCH_LIST ""
+#endif
+
 namespace resfuse::cuda {
 
 #if defined(RESFUSE_WITH_CUTLASS)
@@ -128,20 +134,25 @@ const char* run_for_dtype(const ConvSm90Problem& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool conv_sm90_compiled() { return true; }
-
 const char* conv_sm90_run(const ConvSm90Problem& p, cudaStream_t stream) {
   return p.fp16 ? run_for_dtype<cutlass::half_t>(p, stream) : run_for_dtype<cutlass::bfloat16_t>(p, stream);
 }
 
 #else  // built without CUTLASS's headers
 
-bool conv_sm90_compiled() { return false; }
-
 const char* conv_sm90_run(const ConvSm90Problem&, cudaStream_t) {
-  return "resfuse was built without CUTLASS's headers (pip install nvidia-cutlass, then rebuild)";
+  return conv_sm90_build_reason();
 }
 
 #endif
+
+const char* conv_sm90_build_reason() {
+#if defined(RESFUSE_WITH_CUTLASS)
+  static const bool built_for_sm90a = std::string(RESFUSE_CUDA_ARCH_LIST).find("9.0a") != std::string::npos;
+  return built_for_sm90a ? nullptr : "a build without sm_90a (TORCH_CUDA_ARCH_LIST lacks 9.0a)";
+#else
+  return "a build without CUTLASS's headers (pip install --no-deps nvidia-cutlass, then rebuild)";
+#endif
+}
 
 }  // namespace resfuse::cuda

@@ -22,8 +22,9 @@ struct ConvSm90Problem {
   void* out;
 };
 
-// Whether this build holds the kernel: compiled with CUTLASS's headers (RESFUSE_WITH_CUTLASS).
-bool conv_sm90_compiled();
+// Why this build cannot run the kernel (nullptr: it can, on an sm_90 GPU): compiled without CUTLASS's headers
+// (RESFUSE_WITH_CUTLASS) or without an sm_90a target. The op checks it, and resfuse._C reports it to Python.
+const char* conv_sm90_build_reason();
 
 // Runs the convolution on `stream`. Returns nullptr on success, else why CUTLASS refused the problem (nothing
 // ran). Needs an sm_90 GPU and a build for sm_90a; the caller checks both.

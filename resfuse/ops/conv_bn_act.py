@@ -111,15 +111,10 @@ def igemm_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor],
 
 @functools.lru_cache(maxsize=None)
 def sm90_build_reason() -> Optional[str]:
-    """Why this build holds no runnable resfuse::conv_bn_act_sm90 (None: it does)."""
+    """Why this build holds no runnable resfuse::conv_bn_act_sm90 (None: it does): the extension's own answer,
+    the rule the op checks (csrc/cuda/conv_sm90.cu)."""
     ext = _loader.extension
-    if ext is None or not ext.with_cuda():
-        return "a build without the CUDA kernels"
-    if not ext.with_cutlass():
-        return "a build without CUTLASS's headers (pip install --no-deps nvidia-cutlass, then rebuild)"
-    if "9.0a" not in ext.cuda_arch_list().replace(" ", ";").split(";"):
-        return "a build without sm_90a (TORCH_CUDA_ARCH_LIST lacks 9.0a)"
-    return None
+    return "a build without the C++ extension" if ext is None else ext.sm90_build_reason()
 
 
 def sm90_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor], groups: int) -> Optional[str]:
