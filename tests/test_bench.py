@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -55,6 +56,7 @@ def test_json_schema(run):
     assert META_KEYS <= set(meta), META_KEYS - set(meta)
     assert meta["complete"] is True and meta["gpu"] is None and "python -m resfuse.bench" in meta["command"]
     assert {"copy_gbps", "matmul_tflops", "matmul_dtype"} <= set(meta["ceilings"])
+    assert meta["rounds"] == 3 and all(r["repeats"] == 1 for r in data["records"])  # --repeats 1: one slice
     records = data["records"]
     benches = {r["bench"] for r in records}
     assert {"basicblock", "conv_bn_act", "bn_act"} <= benches
@@ -298,19 +300,79 @@ def test_conv_bn_act_providers_agree_on_cpu(monkeypatch):
     assert cases.rel_err(runner.step(), expected) < 1e-5
 
 
-def test_compile_freezing_sets_inductor_freezing_while_it_runs():
-    """torch.compile(options={"freezing": True}) leaves the parameters as graph inputs (torch 2.14): the runner
-    sets inductor's config for its life instead, and puts it back."""
+def test_compile_freezing_compiles_with_freezing_and_compile_without(monkeypatch):
+    """torch.compile(options={"freezing": True}) leaves the parameters as graph inputs (torch 2.14), so the
+    runner sets inductor's config itself, while its first call compiles; a plain ``compile`` runner timed
+    beside it (built earlier, compiled later, as the round-robin does) must not see it."""
     from torch._inductor import config as inductor_config
 
+    seen = {}
+
+    def fake_compile(module, **kwargs):  # records the config each call compiles (or would compile) under
+        def compiled(*args):
+            seen.setdefault(id(compiled), []).append(inductor_config.freezing)
+            return module(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     problem = cases.make_problem("conv_bn_act", shapes.ActShape(1, 8, 5), "eval", 2, "cpu", "fp32")
     before = inductor_config.freezing
-    runner = cases.make_runner(problem, "compile_freezing")  # nothing compiles before the first step
+    plain = cases.make_runner(problem, "compile", reset_compiler=False)
+    frozen = cases.make_runner(problem, "compile_freezing", reset_compiler=False)
     try:
-        assert inductor_config.freezing is True and runner.compiles
+        assert frozen.compiles and plain.compiles
+        assert inductor_config.freezing == before  # nothing set before the first call
+        for _ in range(2):
+            frozen.step()
+            plain.step()
+        assert inductor_config.freezing == before
+        calls = list(seen.values())
+        assert calls == [[True, before], [before, before]]  # frozen's first call only; plain never
+        assert cases.rel_err(frozen.step(), problem.reference()) < 1e-5
     finally:
-        runner.close()
-    assert inductor_config.freezing == before
+        frozen.close()
+        plain.close()
+
+
+def test_round_robin_interleaves_the_providers():
+    """Each provider's repetitions are split into rounds; round r starts one provider later; every provider
+    gets at least the repetitions it asked for, and its own median."""
+    log = []
+
+    def provider(name, ms):
+        def fn():
+            log.append(name)
+            t = time.perf_counter()
+            while (time.perf_counter() - t) * 1e3 < ms:  # a measurable cost of its own
+                pass
+            return [torch.tensor(float(len(name)))]
+        return fn
+
+    budget = timing.Budget(warmup_s=0.0, min_warmup=1, target_s=0.0, min_repeats=4, max_repeats=4, rounds=4)
+    fns = {"a": provider("a", 0.2), "b": provider("b", 2.0), "c": provider("c", 0.2)}
+    results = timing.time_round_robin(fns, torch.device("cpu"), budget)
+    assert list(results) == ["a", "b", "c"]
+    # warm-up: first call + one warm-up call each, in order; then 4 rounds of one call each, rotated
+    assert log[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert log[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    for name, result in results.items():
+        assert result.repeats == 4 and result.outputs[0].item() == 1.0
+    assert results["b"].median_ms > 5 * results["a"].median_ms
+
+
+def test_round_robin_keeps_timing_the_others_when_one_fails():
+    calls = {"bad": 0}
+
+    def bad():
+        calls["bad"] += 1
+        if calls["bad"] > 2:  # fails after its warm-up, while timed
+            raise RuntimeError("kernel failed")
+        return []
+
+    budget = timing.Budget(warmup_s=0.0, min_warmup=1, target_s=0.0, min_repeats=3, max_repeats=3, rounds=3)
+    results = timing.time_round_robin({"good": lambda: [], "bad": bad}, torch.device("cpu"), budget)
+    assert isinstance(results["bad"], RuntimeError) and calls["bad"] == 3
+    assert isinstance(results["good"], timing.Timing) and results["good"].repeats == 3
 
 
 def test_command_names_the_resfuse_settings(monkeypatch):

@@ -167,6 +167,27 @@ class _CudnnResNet:
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class _FreezingOnFirstCall:
+    """torch.compile with inductor's freezing (the parameters folded into the graph as constants, BN into the
+    convs). ``torch.compile(options={"freezing": True})`` was ignored (torch 2.14: the generated code still took
+    the parameters as inputs), so the config is set while inductor compiles, during the first call, and only
+    then: a provider timed beside this one, plain ``compile`` included, compiles without it."""
+
+    def __init__(self, compiled: Callable):
+        self.compiled = compiled
+        self.frozen = False
+
+    def __call__(self, *args):
+        if self.frozen:
+            return self.compiled(*args)
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            out = self.compiled(*args)
+        self.frozen = True
+        return out
+
+
 class _CudnnConvBNAct:
     def __init__(self, eager: ConvBNAddReLU):
         self.conv = _CudnnConv(eager.conv, eager.bn)
@@ -357,14 +378,10 @@ class Runner:
     backend: Optional[str] = None  # the resfuse backend that runs (resfuse_auto resolves to one)
     compiles: bool = False  # its first call compiles or autotunes (compile_s is reported)
     keep: Any = None  # what the step closes over, released by close()
-    restore: Optional[Callable[[], None]] = None  # undoes a global setting the provider needs while it runs
 
     def close(self) -> None:
         self.keep = None
         self.step = None
-        if self.restore is not None:
-            self.restore()
-            self.restore = None
         if self.provider in COMPILED:
             torch._dynamo.reset()
 
@@ -432,8 +449,11 @@ def provider_unavailable(problem: Problem, provider: str) -> Optional[str]:
     return None
 
 
-def make_runner(problem: Problem, provider: str) -> Runner:
-    """The provider's timed callable for ``problem`` (raises ``Unavailable`` when it cannot run here)."""
+def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) -> Runner:
+    """The provider's timed callable for ``problem`` (raises ``Unavailable`` when it cannot run here).
+
+    ``reset_compiler=False`` keeps torch.compile's caches: for a runner built beside others of the same
+    problem that are timed together (a reset would drop their compiled code and recompile it while timed)."""
     reason = provider_unavailable(problem, provider)
     if reason is not None:
         raise Unavailable(reason)
@@ -443,22 +463,14 @@ def make_runner(problem: Problem, provider: str) -> Runner:
                    for t in problem.inputs)
     grad_out = None if problem.grad_out is None else problem.grad_out.to(problem.dtype)
     params = [p for p in module.parameters() if p.requires_grad]
-    backend, compiles, restore = None, False, None
+    backend, compiles = None, False
     fn: Callable = module
     if provider in COMPILED:
-        torch._dynamo.reset()  # a fresh cache: no reuse of another problem's graph, no automatic dynamic shapes
-        if provider == "compile_freezing":
-            # set for the runner's life, not passed as torch.compile(options=...): inductor ignores freezing
-            # there (checked on torch 2.14: the generated code kept the parameters as inputs)
-            from torch._inductor import config as inductor_config
-
-            previous = inductor_config.freezing
-            inductor_config.freezing = True
-
-            def restore_freezing():
-                inductor_config.freezing = previous
-            restore = restore_freezing
+        if reset_compiler:  # a fresh cache: no reuse of another problem's graph, no automatic dynamic shapes
+            torch._dynamo.reset()
         fn = torch.compile(module, dynamic=False)
+        if provider == "compile_freezing":
+            fn = _FreezingOnFirstCall(fn)
         compiles = True
     elif provider == "cudnn_fused":
         if problem.kind == "op":
@@ -488,7 +500,7 @@ def make_runner(problem: Problem, provider: str) -> Runner:
 
             fn = convert(module, backend=name)
     step = _make_step(problem, fn, inputs, grad_out, problem.target, params)
-    return Runner(provider, step, backend, compiles, keep=(module, fn, inputs), restore=restore)
+    return Runner(provider, step, backend, compiles, keep=(module, fn, inputs))
 
 
 def rel_err(outputs: Sequence[Tensor], expected: Sequence[Tensor]) -> Optional[float]:

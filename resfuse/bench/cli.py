@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repetitions per case (default: as many as fit 0.25 s on a GPU, 25..500; "
                    "0.1 s on CPU, 3..20)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="the providers of one comparison are timed round-robin: each one's repetitions in this many "
+                   "slices, interleaved with the others' (default: 10 on a GPU, 3 on CPU; 1: one after another)")
     p.add_argument("--out", default=None, help="folder for <device>-<YYYYMMDD>[-<tag>].json, .md and plots")
     p.add_argument("--tag", default=None, help="suffix of the result file name")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -371,7 +374,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     print(f"ceilings, measured now: copy {ceilings.copy_gbps:.0f} GB/s, matmul {ceilings.matmul_tflops:.3g} TFLOP/s "
           f"({ceilings.matmul_dtype})", flush=True)
     data = {"meta": env, "records": [], "skipped": [], "failed": []}
-    budget = timing.Budget.for_device(device, args.repeats)
+    budget = timing.Budget.for_device(device, args.repeats, args.rounds)
+    env["rounds"] = budget.rounds
     progress = Progress(len(items) * len(args.provider_names))
     started = time.perf_counter()
     out_json = None
@@ -400,26 +404,36 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             for _ in args.provider_names:
                 progress.advance()
             continue
+        # every provider of the comparison is built first, then all are timed together, round-robin
+        if any(p in cases.COMPILED for p in args.provider_names):
+            torch._dynamo.reset()  # no compiled graph of an earlier problem is reused
+        runners: dict = {}
         for provider in args.provider_names:
             progress.step(label, provider)
             reason = args.left_out.get(provider) or cases.provider_unavailable(problem, provider)
-            runner = None
             try:
                 if reason is None:
-                    runner = cases.make_runner(problem, provider)
-                    result = timing.time_fn(runner.step, device, budget)
-                    err = cases.rel_err(result.outputs, expected)
-                    data["records"].append(make_record(problem, provider, result, err, ceilings, runner))
+                    runners[provider] = cases.make_runner(problem, provider, reset_compiler=False)
             except Unavailable as exc:
                 reason = str(exc)
             except Exception as exc:
                 _report_failure(data, where(item), provider, exc)
-            finally:
-                if runner is not None:
-                    runner.close()
-                runner = result = None
             if reason is not None:
                 data["skipped"].append({**where(item), "provider": provider, "reason": reason})
+        progress.step(label, "timing " + ",".join(runners))
+        try:
+            results = timing.time_round_robin({p: r.step for p, r in runners.items()}, device, budget)
+            for provider, result in results.items():
+                if isinstance(result, BaseException):
+                    _report_failure(data, where(item), provider, result)
+                    continue
+                err = cases.rel_err(result.outputs, expected)
+                data["records"].append(make_record(problem, provider, result, err, ceilings, runners[provider]))
+        finally:
+            for runner in runners.values():
+                runner.close()
+            runners = results = None
+        for _ in args.provider_names:
             progress.advance()
         problem.free()
         _release(device)

@@ -4,13 +4,19 @@ On a GPU each repetition is bracketed by CUDA events, and a buffer larger than t
 before it (outside the events), so small shapes are not timed from a warm cache. On the CPU each repetition is
 timed with ``time.perf_counter``. The number of repetitions follows from the warm-up's time per call unless it
 is fixed.
+
+The providers of one comparison are timed round-robin (``time_round_robin``): each one's repetitions are split
+into rounds and the rounds interleaved, so that a slow drift of the host (other processes, clocks, the
+allocator's state) shifts every provider's median alike instead of whichever one ran during it. Where a step is
+bound by host time, as a ResNet block's is at N=128 beyond the first stage, that drift was measured at up to 2x
+between two providers running the same kernels one after the other.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -42,13 +48,17 @@ class Budget:
     min_repeats: int
     max_repeats: int
     repeats: Optional[int] = None
+    rounds: int = 1  # time_round_robin: how many slices each provider's repetitions are split into
+
 
     @classmethod
-    def for_device(cls, device: torch.device, repeats: Optional[int] = None) -> "Budget":
+    def for_device(cls, device: torch.device, repeats: Optional[int] = None,
+                   rounds: Optional[int] = None) -> "Budget":
         if device.type == "cuda":
             return cls(warmup_s=0.05, min_warmup=3, target_s=0.25, min_repeats=25, max_repeats=500,
-                       repeats=repeats)
-        return cls(warmup_s=0.0, min_warmup=0, target_s=0.1, min_repeats=3, max_repeats=20, repeats=repeats)
+                       repeats=repeats, rounds=rounds or 10)
+        return cls(warmup_s=0.0, min_warmup=0, target_s=0.1, min_repeats=3, max_repeats=20, repeats=repeats,
+                   rounds=rounds or 3)
 
 
 def _time_cuda(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
@@ -73,9 +83,9 @@ def _time_cpu(fn: Callable[[], Any], repeats: int) -> list[float]:
     return times
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, budget: Budget) -> Timing:
-    """Warm up ``fn`` (its first call is timed apart: compilation), then return the median of the timed
-    repetitions in milliseconds."""
+def _warm_up(fn: Callable[[], Any], device: torch.device, budget: Budget) -> tuple[Any, float, int]:
+    """Call ``fn`` once (timed apart: compilation, autotuning, cuDNN's search), then warm it up; return its
+    first outputs, the first call's seconds and the number of repetitions its time per call asks for."""
     start = time.perf_counter()
     outputs = fn()
     synchronize(device)
@@ -92,9 +102,64 @@ def time_fn(fn: Callable[[], Any], device: torch.device, budget: Budget) -> Timi
         per_call = first_call_s
     repeats = budget.repeats or int(min(max(budget.target_s / max(per_call, 1e-6), budget.min_repeats),
                                         budget.max_repeats))
-    times = _time_cuda(fn, repeats, device) if device.type == "cuda" else _time_cpu(fn, repeats)
+    return outputs, first_call_s, repeats
+
+
+def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    return _time_cuda(fn, repeats, device) if device.type == "cuda" else _time_cpu(fn, repeats)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, budget: Budget) -> Timing:
+    """Warm up ``fn`` (its first call is timed apart: compilation), then return the median of the timed
+    repetitions in milliseconds, timed in one stretch."""
+    outputs, first_call_s, repeats = _warm_up(fn, device, budget)
+    times = _time(fn, repeats, device)
     peak = peak_bytes(fn, device) if device.type == "cuda" else None
     return Timing(statistics.median(times), repeats, first_call_s, outputs, peak)
+
+
+def time_round_robin(fns: dict[str, Callable[[], Any]], device: torch.device,
+                     budget: Budget) -> dict[str, Union[Timing, BaseException]]:
+    """Time every function of one comparison, interleaved: each is warmed up in turn (its first call timed
+    apart), then its repetitions are split into ``budget.rounds`` slices and round r times every function's
+    r-th slice, starting one function later each round so that none always follows the same neighbour.
+
+    A function that raises (while warming up or timed) maps to its exception and leaves the rounds; the others
+    go on."""
+    results: dict[str, Union[Timing, BaseException]] = {}
+    warm: dict[str, tuple[Any, float, int]] = {}
+    for name, fn in fns.items():
+        try:
+            warm[name] = _warm_up(fn, device, budget)
+        except Exception as exc:
+            results[name] = exc
+    rounds = max(1, budget.rounds)
+    times: dict[str, list[float]] = {name: [] for name in warm}
+    order = list(warm)
+    for r in range(rounds):
+        shift = r % len(order) if order else 0
+        for name in order[shift:] + order[:shift]:
+            if name in results:
+                continue
+            repeats = warm[name][2]
+            slice_repeats = repeats // rounds + (1 if r < repeats % rounds else 0)  # the slices sum to repeats
+            if slice_repeats == 0:
+                continue
+            try:
+                times[name] += _time(fns[name], slice_repeats, device)
+            except Exception as exc:
+                results[name] = exc
+    for name in order:
+        if name in results:
+            continue
+        outputs, first_call_s, _ = warm[name]
+        try:
+            peak = peak_bytes(fns[name], device) if device.type == "cuda" else None
+        except Exception as exc:
+            results[name] = exc
+            continue
+        results[name] = Timing(statistics.median(times[name]), len(times[name]), first_call_s, outputs, peak)
+    return {name: results[name] for name in fns}
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
