@@ -301,34 +301,34 @@ def test_conv_bn_act_providers_agree_on_cpu(monkeypatch):
 
 
 def test_compile_freezing_compiles_with_freezing_and_compile_without(monkeypatch):
-    """torch.compile(options={"freezing": True}) leaves the parameters as graph inputs (torch 2.14), so the
-    runner sets inductor's config itself, while its first call compiles; a plain ``compile`` runner timed
-    beside it (built earlier, compiled later, as the round-robin does) must not see it."""
+    """Both compiled providers of one comparison are alive together while they are timed round-robin. Each
+    must compile its own graph (a deepcopied module passes the other's guards), compile_freezing with inductor's
+    freezing and plain compile without it, and the global config must be left as it was."""
+    import torch._inductor.freezing as inductor_freezing
     from torch._inductor import config as inductor_config
 
-    seen = {}
+    frozen_graphs = []
+    real_freeze = inductor_freezing.freeze
 
-    def fake_compile(module, **kwargs):  # records the config each call compiles (or would compile) under
-        def compiled(*args):
-            seen.setdefault(id(compiled), []).append(inductor_config.freezing)
-            return module(*args)
-        return compiled
+    def spy_freeze(*args, **kwargs):  # inductor's freezing pass, imported by compile_fx when it runs
+        frozen_graphs.append(1)
+        return real_freeze(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(inductor_freezing, "freeze", spy_freeze)
     problem = cases.make_problem("conv_bn_act", shapes.ActShape(1, 8, 5), "eval", 2, "cpu", "fp32")
+    expected = problem.reference()
     before = inductor_config.freezing
+    torch._dynamo.reset()
     plain = cases.make_runner(problem, "compile", reset_compiler=False)
     frozen = cases.make_runner(problem, "compile_freezing", reset_compiler=False)
     try:
-        assert frozen.compiles and plain.compiles
-        assert inductor_config.freezing == before  # nothing set before the first call
+        assert frozen.compiles and plain.compiles and inductor_config.freezing == before
+        assert cases.rel_err(plain.step(), expected) < 1e-5 and frozen_graphs == []
+        assert cases.rel_err(frozen.step(), expected) < 1e-5 and frozen_graphs == [1]
         for _ in range(2):
-            frozen.step()
             plain.step()
-        assert inductor_config.freezing == before
-        calls = list(seen.values())
-        assert calls == [[True, before], [before, before]]  # frozen's first call only; plain never
-        assert cases.rel_err(frozen.step(), problem.reference()) < 1e-5
+            frozen.step()
+        assert frozen_graphs == [1] and inductor_config.freezing == before
     finally:
         frozen.close()
         plain.close()

@@ -169,9 +169,10 @@ class _CudnnResNet:
 
 class _FreezingOnFirstCall:
     """torch.compile with inductor's freezing (the parameters folded into the graph as constants, BN into the
-    convs). ``torch.compile(options={"freezing": True})`` was ignored (torch 2.14: the generated code still took
-    the parameters as inputs), so the config is set while inductor compiles, during the first call, and only
-    then: a provider timed beside this one, plain ``compile`` included, compiles without it."""
+    convs). ``torch.compile(options={"freezing": True})`` alone does not freeze (torch 2.11 and 2.14: inductor
+    runs its freezing pass but the generated code still takes the parameters as inputs; dynamo reads the global
+    config), so the config is set while the first call compiles, and only then: a provider timed beside this
+    one, plain ``compile`` included, compiles without it."""
 
     def __init__(self, compiled: Callable):
         self.compiled = compiled
@@ -468,9 +469,12 @@ def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) ->
     if provider in COMPILED:
         if reset_compiler:  # a fresh cache: no reuse of another problem's graph, no automatic dynamic shapes
             torch._dynamo.reset()
-        fn = torch.compile(module, dynamic=False)
         if provider == "compile_freezing":
-            fn = _FreezingOnFirstCall(fn)
+            # options that differ from plain compile's make dynamo keep a cache entry per provider: with the same
+            # backend, a deepcopy of the module passes the other runner's guards and reuses its graph
+            fn = _FreezingOnFirstCall(torch.compile(module, dynamic=False, options={"freezing": True}))
+        else:
+            fn = torch.compile(module, dynamic=False)
         compiles = True
     elif provider == "cudnn_fused":
         if problem.kind == "op":
