@@ -5,9 +5,9 @@
 """
 from . import ops, reference
 from .nn import BasicBlock, Bottleneck, ConvBNReLU, clear_fold_cache, convert, revert
-from .ops import available_backends
+from .ops import auto_choices, available_backends, clear_auto_choices
 
 __version__ = "0.1.0"
 
 __all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "convert", "revert", "ops", "reference",
-           "available_backends", "clear_fold_cache", "__version__"]
+           "available_backends", "auto_choices", "clear_auto_choices", "clear_fold_cache", "__version__"]

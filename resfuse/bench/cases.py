@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
+from ..ops import autoselect as _autoselect
 from ..ops import backend as _backend
 from . import counting
 from .shapes import ActShape, BlockShape, MODEL_LAYERS
@@ -379,6 +380,7 @@ class Runner:
     backend: Optional[str] = None  # the resfuse backend that runs (resfuse_auto resolves to one)
     compiles: bool = False  # its first call compiles or autotunes (compile_s is reported)
     keep: Any = None  # what the step closes over, released by close()
+    describe: Optional[Callable[[], str]] = None  # the backend label, known only once the step has run
 
     def close(self) -> None:
         self.keep = None
@@ -464,7 +466,7 @@ def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) ->
                    for t in problem.inputs)
     grad_out = None if problem.grad_out is None else problem.grad_out.to(problem.dtype)
     params = [p for p in module.parameters() if p.requires_grad]
-    backend, compiles = None, False
+    backend, compiles, describe = None, False, None
     fn: Callable = module
     if provider in COMPILED:
         if reset_compiler:  # a fresh cache: no reuse of another problem's graph, no automatic dynamic shapes
@@ -492,9 +494,12 @@ def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) ->
     elif provider.startswith("resfuse_"):
         name = provider[len("resfuse_"):]
         backend = _backend.resolve_backend(name, problem.device)
-        if name == "auto" and not problem.train and problem.device.type == "cuda" and problem.bench != "bn_act":
-            backend = f"cudnn+{backend}"  # convs followed by ReLU through cuDNN's fused op (ops/cudnn_fused.py)
         compiles = backend == "triton"
+        if name == "auto" and _autoselect.device_measurable(problem.device):
+            # auto measures its candidates on the first call of each configuration (ops/autoselect.py): the
+            # record names what it chose, read after the run
+            _autoselect.clear_auto_choices()
+            describe, compiles = _auto_chosen, True
         if problem.bench == "conv_bn_act":
             fn = _ResfuseConvBNAct(module, name)
         elif problem.bench == "bn_act":
@@ -504,7 +509,13 @@ def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) ->
 
             fn = convert(module, backend=name)
     step = _make_step(problem, fn, inputs, grad_out, problem.target, params)
-    return Runner(provider, step, backend, compiles, keep=(module, fn, inputs))
+    return Runner(provider, step, backend, compiles, keep=(module, fn, inputs), describe=describe)
+
+
+def _auto_chosen() -> str:
+    """What ``auto`` ran, from its choices since the runner was made: e.g. ``auto: cudnn_fused+cuda``."""
+    chosen = sorted({entry["chosen"] or "fixed rule" for entry in _autoselect.auto_choices()})
+    return "auto: " + ("+".join(chosen) if chosen else "fixed rule")
 
 
 def rel_err(outputs: Sequence[Tensor], expected: Sequence[Tensor]) -> Optional[float]:

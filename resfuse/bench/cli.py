@@ -428,7 +428,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     _report_failure(data, where(item), provider, result)
                     continue
                 err = cases.rel_err(result.outputs, expected)
-                data["records"].append(make_record(problem, provider, result, err, ceilings, runners[provider]))
+                runner = runners[provider]
+                if runner.describe is not None:
+                    runner.backend = runner.describe()
+                data["records"].append(make_record(problem, provider, result, err, ceilings, runner))
         finally:
             for runner in runners.values():
                 runner.close()

@@ -132,7 +132,7 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
         return run_bn_act(
             y, bn.weight, bn.bias, residual,
             bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
-            momentum, bn.eps, relu, impl,
+            momentum, bn.eps, relu, impl, requested,
         )
     for_gemm = impl == "triton"
     weight, bias = folded_weight_bias(conv, bn, for_gemm=for_gemm, dtype=amp_dtype,

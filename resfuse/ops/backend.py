@@ -3,11 +3,13 @@
 - ``cuda``: the C++ extension ``resfuse._C`` (its CUDA kernels on GPU tensors, its CPU kernels on CPU tensors).
 - ``triton``: the Triton kernels (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``reference``: plain PyTorch (``resfuse.reference``), always available.
-- ``auto``: the first available, for the tensor's device, of: on GPU tensors cuda, triton, reference (measured
-  on an H100, benchmarks/results/h100-80gb-hbm3-20261123-blocks.json: the cuda backend's BasicBlock was faster
-  than the triton one at every ResNet stage in training and at three of four in eval, and no slower at the
-  fourth); on CPU tensors cuda (the extension's CPU kernels), reference. Triton's interpreter is never picked
-  by ``auto``: it is a test vehicle, not a fast path.
+- ``auto``: on GPU tensors, the ops measure their implementations once per configuration and run the fastest
+  (``autoselect.py``). Where they do not measure, and for what ``resolve_backend`` reports, the first
+  available of: on GPU tensors cuda, triton, reference (measured on an H100,
+  benchmarks/results/h100-80gb-hbm3-20261123-blocks.json: the cuda backend's BasicBlock was faster than the
+  triton one at every ResNet stage in training and at three of four in eval, and no slower at the fourth); on
+  CPU tensors cuda (the extension's CPU kernels), reference. Triton's interpreter is never picked by
+  ``auto``: it is a test vehicle, not a fast path.
 
 Naming a backend that cannot run on the tensor's device is an error, never a silent fallback.
 """

@@ -4,20 +4,22 @@
 
 Two registered flavours share one schema: ``resfuse::bn_act`` (C++: csrc/cpu, csrc/cuda) and
 ``resfuse::bn_act_triton`` (triton_kernels/bn_act.py). Their backward ops are ``resfuse::_bn_act_backward``
-and ``resfuse::_bn_act_backward_triton``. ``bn_act()`` below picks one by backend.
+and ``resfuse::_bn_act_backward_triton``. ``bn_act()`` below picks one by backend; ``auto`` on a GPU measures
+both once per configuration and runs the faster (``autoselect.py``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _loader
-from ..reference import bn_act_ref
-from . import _autograd
+from ..reference import bn_act_ref, memory_format_of
+from . import _autograd, autoselect
 from ._checks import check_activation, check_channel_vector, check_like
-from .backend import resolve_backend
+from .backend import requested_backend, resolve_backend, unavailable_reason
 
 _SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
            "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)")
@@ -61,8 +63,11 @@ def bn_act(
     (``momentum`` is the exponential-average factor; pass ``1 / num_batches_tracked`` for momentum=None).
     """
     _check_args(x, weight, bias, residual, running_mean, running_var)
-    return _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu,
-                resolve_backend(backend, x.device))
+    requested = requested_backend(backend)
+    impl = resolve_backend(requested, x.device)
+    if requested == "auto" and impl != "reference":
+        impl = _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu) or impl
+    return _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, impl)
 
 
 def _check_args(x, weight, bias, residual, running_mean, running_var) -> None:
@@ -84,10 +89,12 @@ def _check_values_per_channel(x: Tensor) -> None:
 
 def run_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
-               relu: bool, impl: str) -> Tensor:
+               relu: bool, impl: str, requested: Optional[str] = None) -> Tensor:
     """``bn_act`` with the backend already resolved: the path of resfuse's modules. The C++ op checks its
     arguments itself (csrc/common.h), so only the other backends' arguments are checked here, and for every
     backend the rule nn.BatchNorm2d enforces in training (the C++ op enforces it only with running stats)."""
+    if requested == "auto" and impl != "reference":
+        impl = _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu) or impl
     if impl != "cuda":
         _check_args(x, weight, bias, residual, running_mean, running_var)
     else:
@@ -100,3 +107,35 @@ def _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, re
         return bn_act_ref(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)[0]
     op = torch.ops.resfuse.bn_act if impl == "cuda" else torch.ops.resfuse.bn_act_triton
     return op(x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps), bool(relu))[0]
+
+
+_OPS = {"cuda": ("bn_act", "_bn_act_backward"), "triton": ("bn_act_triton", "_bn_act_backward_triton")}
+
+
+def _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu) -> Optional[str]:
+    """``auto``'s measured backend for this configuration (autoselect.py), or None: not measured here. Each
+    candidate is timed forward + backward, on copies of the running statistics."""
+    if not autoselect.device_measurable(x.device):
+        return None
+    key = ("bn_act", x.device, x.dtype, memory_format_of(x), tuple(x.shape),
+           None if weight is None else weight.dtype, bias is not None, residual is not None,
+           running_mean is not None, bool(relu))
+    hit = autoselect.cached(key)
+    if hit is not None or not autoselect.measuring_enabled(x.device):
+        return hit
+    _check_args(x, weight, bias, residual, running_mean, running_var)  # before any candidate runs
+    with torch.no_grad():
+        copies = [None if t is None else t.clone() for t in (running_mean, running_var)]
+        grad_out = torch.randn_like(x)
+    mask = [True, weight is not None, bias is not None, residual is not None]
+
+    def forward_backward(forward, backward):
+        out, mean, invstd = forward(x, weight, bias, residual, *copies, float(momentum), float(eps), bool(relu))
+        return backward(grad_out, x, weight, out, mean, invstd, bool(relu), mask)
+
+    candidates = {}
+    for name, (forward, backward) in _OPS.items():
+        if unavailable_reason(name, x.device) is None:
+            candidates[name] = functools.partial(forward_backward, getattr(torch.ops.resfuse, forward),
+                                                 getattr(torch.ops.resfuse, backward))
+    return autoselect.choose(key, candidates, x.device)

@@ -11,8 +11,10 @@ Flavours: ``resfuse::conv_bn_act`` (C++), ``resfuse::conv_bn_act_igemm`` (CUDA) 
   ``resfuse::conv_bn_act_sm90`` (Hopper: CUTLASS's TMA + wgmma convolution, csrc/cuda/conv_sm90.cu) or
   ``resfuse::conv_bn_act_igemm`` (sm_80+: our WMMA kernel, csrc/cuda/conv_igemm.cu).
 Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
-``backend="auto"`` on a GPU first tries cuDNN's fused conv + bias (+ add) + ReLU (``cudnn_fused.py``), the
-fastest eval path measured, when no gradient is needed.
+``backend="auto"`` on a GPU measures, once per configuration, cuDNN's fused conv + bias (+ add) + ReLU
+(``cudnn_fused.py``, when no gradient is needed), the ``cuda`` and the ``triton`` conv, and runs the fastest
+(``autoselect.py``); where it does not measure it tries cuDNN's fused op first, the fastest eval path measured
+on an H100.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from torch import Tensor
 
 from .. import _loader
 from ..reference import conv_bn_act_ref, memory_format_of
-from . import _autograd, cudnn_fused
+from . import _autograd, autoselect, cudnn_fused
+from ._autograd import grad_needed
 from ._checks import check_activation, check_channel_vector, check_matches
-from .backend import requested_backend, resolve_backend
+from .backend import requested_backend, resolve_backend, unavailable_reason
 
 _SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, SymInt[2] padding, "
            "SymInt[2] dilation, SymInt groups, bool relu) -> Tensor")
@@ -177,10 +180,51 @@ def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
     """``conv_bn_act`` on checked arguments (stride, padding, dilation as pairs), with the backend already
     requested and resolved: the path of resfuse's modules, which check their input once per block and pass
     weights they made themselves (resfuse/nn/functional.py)."""
-    if requested == "auto" and cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
-        out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
-        if out is not None:
-            return out
+    if requested == "auto":
+        choice = _auto_choice(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        if not choice:  # not measured here: the fixed rule, cuDNN's fused op first when it applies
+            choice = "cudnn_fused" if cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None else impl
+        if choice == "cudnn_fused":
+            out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
+            if out is not None:
+                return out
+        else:
+            impl = choice
+    return _run_impl(impl, x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def _auto_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                 relu: bool) -> Optional[str]:
+    """``auto``'s measured implementation for this configuration (autoselect.py), or None: not measured here."""
+    if not autoselect.device_measurable(x.device):
+        return None
+    grad = grad_needed(x, weight, bias, residual)
+    key = ("conv_bn_act", x.device, x.dtype, memory_format_of(x), tuple(x.shape), tuple(weight.shape),
+           tuple(stride), tuple(padding), tuple(dilation), groups, bias is not None, residual is not None,
+           bool(relu), grad, cuda_conv_kernel() if x.is_cuda else None)
+    hit = autoselect.cached(key)
+    if hit is not None or not autoselect.measuring_enabled(x.device):
+        return hit
+    args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    candidates = {}
+    if cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
+        candidates["cudnn_fused"] = functools.partial(_cudnn_fused_or_raise, *args[:-1])
+    for name in ("cuda", "triton"):
+        if unavailable_reason(name, x.device) is None:
+            candidates[name] = functools.partial(_run_impl, name, *args)
+    return autoselect.choose(key, candidates, x.device)
+
+
+def _cudnn_fused_or_raise(x, weight, bias, residual, stride, padding, dilation, groups) -> Tensor:
+    out = cudnn_fused.run(x, weight, bias, residual, stride, padding, dilation, groups)
+    if out is None:
+        raise RuntimeError("cuDNN refused its fused convolution for this configuration")
+    return out
+
+
+def _run_impl(impl: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+              stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool) -> Tensor:
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     if impl == "triton":

@@ -1,4 +1,4 @@
-"""cuDNN's own fused convolution + bias (+ residual) + ReLU: what ``auto`` runs for eval-mode convs on GPUs.
+"""cuDNN's own fused convolution + bias (+ residual) + ReLU: one of what ``auto`` may run for eval convs on GPUs.
 
 With BN folded into the conv, ``torch.cudnn_convolution_relu`` and ``torch.cudnn_convolution_add_relu`` were
 the fastest eval path measured on an H100 at every ResNet-18 stage (benchmarks/results/

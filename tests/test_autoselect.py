@@ -1,0 +1,227 @@
+"""``auto``'s measured choice per configuration (resfuse/ops/autoselect.py), on CPU.
+
+On a GPU each candidate is timed with CUDA events. Here the device check is opened to CPU tensors and the timer
+is replaced by one that runs the candidate (so each must work) and returns a scripted time: the tests check which
+implementation is chosen, that it is measured once per configuration and then run, that measuring changes no
+state (running statistics), and when nothing is measured."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resfuse import ops
+from resfuse.ops import autoselect, backend
+
+from _helpers import randn, rel_err
+
+HAS_CUDA_KERNELS = "cuda" in backend.available_backends("cpu")
+HAS_TRITON_CPU = "triton" in backend.available_backends("cpu")
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Open measuring to CPU tensors; each measurement runs the candidate once and returns ``ms[name]``."""
+    autoselect.clear_auto_choices()
+    ms: dict = {}
+    runs: list = []
+
+    def fake_measure(call, device):
+        name = next(n for n, c in current.items() if c is call)
+        runs.append(name)
+        with torch.no_grad():
+            call()
+        return ms[name]
+
+    current: dict = {}
+    real_choose = autoselect.choose
+
+    def choose(key, candidates, device):
+        current.clear()
+        current.update(candidates)
+        return real_choose(key, candidates, device)
+
+    monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+    monkeypatch.setattr(autoselect, "_measure", fake_measure)
+    monkeypatch.setattr(autoselect, "choose", choose)
+    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
+    yield ms, runs
+    autoselect.clear_auto_choices()
+
+
+def test_choose_takes_the_fastest_once(measured):
+    ms, runs = measured
+    ms.update(a=2.0, b=1.0, c=3.0)
+    calls = {n: 0 for n in ms}
+
+    def candidate(name):
+        def call():
+            calls[name] += 1
+        return call
+
+    cands = {n: candidate(n) for n in ms}
+    key = ("op", "config")
+    assert autoselect.choose(key, cands, torch.device("cpu")) == "b"
+    assert autoselect.choose(key, cands, torch.device("cpu")) == "b"  # remembered: nothing measured again
+    assert runs == ["a", "b", "c"] and calls == {"a": 1, "b": 1, "c": 1}
+    (entry,) = ops.auto_choices()
+    assert entry["op"] == "op" and entry["chosen"] == "b" and entry["ms"] == {"a": 2.0, "b": 1.0, "c": 3.0}
+
+
+def test_a_failing_candidate_is_not_chosen_and_says_so(measured):
+    ms, _ = measured
+    ms.update(good=5.0)
+
+    def broken():
+        raise RuntimeError("no kernel for this case")
+
+    with pytest.warns(UserWarning, match="measured broken for op and it failed .*no kernel for this case"):
+        assert autoselect.choose(("op", 1), {"broken": broken, "good": lambda: None}, torch.device("cpu")) == "good"
+    with pytest.warns(UserWarning):
+        assert autoselect.choose(("op", 2), {"broken": broken, "also": broken}, torch.device("cpu")) == ""
+    # every candidate failed: the caller's fixed rule, and no second measurement
+    assert autoselect.cached(("op", 2)) == ""
+
+
+@pytest.mark.parametrize("why", ["env", "compiling", "cpu"])
+def test_nothing_is_measured_where_it_should_not_be(monkeypatch, why):
+    autoselect.clear_auto_choices()
+    if why == "env":
+        monkeypatch.setenv("RESFUSE_AUTO_MEASURE", "0")
+        monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+    elif why == "compiling":
+        monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+    def never():
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(autoselect, "_measure", never)
+    assert autoselect.choose(("op",), {"a": lambda: None, "b": lambda: None}, torch.device("cpu")) is None
+    assert ops.auto_choices() == []
+
+
+def _spy(monkeypatch, module, name, log):
+    """Record the backend each call of ``module.<name>(..., impl)`` runs with."""
+    real = getattr(module, name)
+
+    def spy(*args):
+        log.append(args[-1] if name == "_run" else args[0])
+        return real(*args)
+    monkeypatch.setattr(module, name, spy)
+
+
+@pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs the C++ extension and triton")
+@pytest.mark.parametrize("fastest", ["cuda", "triton"])
+def test_bn_act_runs_what_auto_measured_fastest(measured, monkeypatch, fastest):
+    bn_act_module = importlib.import_module("resfuse.ops.bn_act")
+
+    ms, runs = measured
+    ms.update(cuda=1.0 if fastest == "cuda" else 2.0, triton=1.0 if fastest == "triton" else 2.0)
+    used: list = []
+    _spy(monkeypatch, bn_act_module, "_run", used)
+    x = randn(2, 5, 3, 3, seed=1, memory_format=torch.channels_last)
+    res = randn(2, 5, 3, 3, seed=2, memory_format=torch.channels_last)
+    w, b = randn(5, seed=3) + 1.5, randn(5, seed=4)
+    rm, rv = randn(5, seed=5), randn(5, seed=6).abs() + 0.5
+    erm, erv = rm.clone(), rv.clone()
+    for _ in range(2):
+        out = ops.bn_act(x, w, b, res, rm, rv, 0.1, 1e-5, True, backend="auto")
+        expected = torch.relu(F.batch_norm(x, erm, erv, w, b, True, 0.1, 1e-5) + res)
+        assert rel_err(out, expected) < 1e-5
+        # measuring ran on copies: the running statistics moved once per call, as eager's did
+        assert rel_err(rm, erm) < 1e-6 and rel_err(rv, erv) < 1e-6
+    assert runs == ["cuda", "triton"]  # measured on the first call only
+    assert used == [fastest, fastest]
+
+
+@pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs the C++ extension and triton")
+@pytest.mark.parametrize("fastest", ["cuda", "triton"])
+def test_conv_bn_act_runs_what_auto_measured_fastest(measured, monkeypatch, fastest):
+    conv_module = importlib.import_module("resfuse.ops.conv_bn_act")
+
+    ms, runs = measured
+    ms.update(cuda=1.0 if fastest == "cuda" else 2.0, triton=1.0 if fastest == "triton" else 2.0)
+    used: list = []
+    _spy(monkeypatch, conv_module, "_run_impl", used)
+    x = randn(2, 8, 6, 6, seed=1, memory_format=torch.channels_last)
+    w = (randn(8, 8, 3, 3, seed=2) * 0.2).contiguous(memory_format=torch.channels_last)
+    b, res = randn(8, seed=3), randn(2, 8, 6, 6, seed=4, memory_format=torch.channels_last)
+    expected = torch.relu(F.conv2d(x, w, b, 1, 1) + res)
+    with torch.no_grad():
+        out = ops.conv_bn_act(x, w, b, res, 1, 1, 1, 1, True, backend="auto")
+        assert rel_err(out, expected) < 1e-5
+        assert used == ["cuda", "triton", fastest]  # each measured once, then the chosen one ran
+        out = ops.conv_bn_act(x, w, b, res, 1, 1, 1, 1, True, backend="auto")
+        assert rel_err(out, expected) < 1e-5
+    assert used[3:] == [fastest] and runs == ["cuda", "triton"]
+    (entry,) = ops.auto_choices()
+    assert entry["op"] == "conv_bn_act" and entry["chosen"] == fastest
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs the C++ extension")
+def test_blocks_in_training_take_the_measured_backend(measured, monkeypatch):
+    """The module path (resfuse.BasicBlock) asks auto too; with one candidate nothing is measured."""
+    import resfuse
+    bn_act_module = importlib.import_module("resfuse.ops.bn_act")
+
+    monkeypatch.setattr(bn_act_module, "unavailable_reason",
+                        lambda name, device: None if name == "cuda" else "left out of this test")
+    ms, runs = measured
+    used: list = []
+    _spy(monkeypatch, bn_act_module, "_run", used)
+    block = resfuse.BasicBlock(4, 4, backend="auto").train()
+    block(randn(2, 4, 5, 5, seed=1)).sum().backward()
+    assert used == ["cuda", "cuda"] and runs == []
+    assert [e["chosen"] for e in ops.auto_choices()] == []  # one candidate: chosen without a measurement
+
+
+@pytest.mark.cuda
+def test_auto_measures_on_a_gpu_and_replays_in_a_cuda_graph():
+    """On a GPU: every candidate is timed (a float per implementation), the result is right, and once chosen
+    the call has no host synchronisation: it can be captured in a CUDA graph and replayed."""
+    autoselect.clear_auto_choices()
+    dev = "cuda"
+    x = randn(4, 64, 14, 14, dtype=torch.bfloat16, device=dev, seed=1, memory_format=torch.channels_last)
+    w = (randn(64, 64, 3, 3, dtype=torch.bfloat16, device=dev, seed=2) * 0.05).contiguous(
+        memory_format=torch.channels_last)
+    b = randn(64, dtype=torch.bfloat16, device=dev, seed=3)
+    res = randn(4, 64, 14, 14, dtype=torch.bfloat16, device=dev, seed=4, memory_format=torch.channels_last)
+    expected = torch.relu(F.conv2d(x.double(), w.double(), b.double(), 1, 1) + res.double())
+    with torch.no_grad():
+        out = ops.conv_bn_act(x, w, b, res, 1, 1, 1, 1, True, backend="auto")
+    assert rel_err(out.double(), expected) < 2e-2
+    (entry,) = ops.auto_choices()
+    available = set(backend.available_backends(dev)) - {"reference"} | {"cudnn_fused"}
+    assert set(entry["ms"]) <= available and entry["chosen"] in entry["ms"]
+    assert all(isinstance(ms, float) and ms > 0 for ms in entry["ms"].values()), entry["ms"]
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        static = ops.conv_bn_act(x, w, b, res, 1, 1, 1, 1, True, backend="auto")  # same configuration: chosen
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            static = ops.conv_bn_act(x, w, b, res, 1, 1, 1, 1, True, backend="auto")
+    static.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static.double(), expected) < 2e-2
+    autoselect.clear_auto_choices()
+
+
+@pytest.mark.cuda
+def test_auto_bn_act_measures_forward_and_backward_on_a_gpu():
+    autoselect.clear_auto_choices()
+    dev = "cuda"
+    x = randn(8, 32, 7, 7, dtype=torch.bfloat16, device=dev, seed=1, memory_format=torch.channels_last)
+    w, b = randn(32, device=dev, seed=2) + 1.5, randn(32, device=dev, seed=3)
+    rm, rv = randn(32, device=dev, seed=4), randn(32, device=dev, seed=5).abs() + 0.5
+    erm, erv = rm.clone(), rv.clone()
+    out = ops.bn_act(x, w.bfloat16(), b.bfloat16(), None, rm, rv, 0.1, 1e-5, True, backend="auto")
+    expected = torch.relu(F.batch_norm(x.float(), erm, erv, w, b, True, 0.1, 1e-5))
+    assert rel_err(out.float(), expected) < 2e-2
+    assert rel_err(rm, erm) < 1e-3 and rel_err(rv, erv) < 1e-3  # updated once, not by the measurements
+    (entry,) = ops.auto_choices()
+    assert entry["op"] == "bn_act" and entry["chosen"] in ("cuda", "triton")
+    assert all(isinstance(ms, float) for ms in entry["ms"].values()), entry["ms"]
+    autoselect.clear_auto_choices()
