@@ -50,7 +50,6 @@ class Budget:
     repeats: Optional[int] = None
     rounds: int = 1  # time_round_robin: how many slices each provider's repetitions are split into
 
-
     @classmethod
     def for_device(cls, device: torch.device, repeats: Optional[int] = None,
                    rounds: Optional[int] = None) -> "Budget":

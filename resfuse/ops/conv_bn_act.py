@@ -196,7 +196,10 @@ def run_conv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual:
 def _auto_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
                  relu: bool) -> Optional[str]:
-    """``auto``'s measured implementation for this configuration (autoselect.py), or None: not measured here."""
+    """``auto``'s measured implementation for this configuration (autoselect.py), or None: not measured here.
+    Every candidate is timed on the arguments as given: resfuse's modules fold the weight in the input's layout
+    for ``auto``, which the Triton conv repacks on each call, and that copy is part of its measured time, as it
+    is of its later calls."""
     if not autoselect.device_measurable(x.device):
         return None
     grad = grad_needed(x, weight, bias, residual)
