@@ -111,15 +111,19 @@ def _spy(monkeypatch, module, name, log):
     monkeypatch.setattr(module, name, spy)
 
 
-@pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs the C++ extension and triton")
-@pytest.mark.parametrize("fastest", ["cuda", "triton"])
-def test_bn_act_runs_what_auto_measured_fastest(measured, monkeypatch, fastest):
-    bn_act_module = importlib.import_module("resfuse.ops.bn_act")
-
+def _fastest_is(fastest, measured, monkeypatch, module_name, spied) -> tuple[list, list]:
+    """Script the timer so that ``fastest`` wins; return the measured names and the backends run."""
     ms, runs = measured
     ms.update(cuda=1.0 if fastest == "cuda" else 2.0, triton=1.0 if fastest == "triton" else 2.0)
     used: list = []
-    _spy(monkeypatch, bn_act_module, "_run", used)
+    _spy(monkeypatch, importlib.import_module(module_name), spied, used)
+    return runs, used
+
+
+@pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs the C++ extension and triton")
+@pytest.mark.parametrize("fastest", ["cuda", "triton"])
+def test_bn_act_runs_what_auto_measured_fastest(measured, monkeypatch, fastest):
+    runs, used = _fastest_is(fastest, measured, monkeypatch, "resfuse.ops.bn_act", "_run")
     x = randn(2, 5, 3, 3, seed=1, memory_format=torch.channels_last)
     res = randn(2, 5, 3, 3, seed=2, memory_format=torch.channels_last)
     w, b = randn(5, seed=3) + 1.5, randn(5, seed=4)
@@ -138,12 +142,7 @@ def test_bn_act_runs_what_auto_measured_fastest(measured, monkeypatch, fastest):
 @pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs the C++ extension and triton")
 @pytest.mark.parametrize("fastest", ["cuda", "triton"])
 def test_conv_bn_act_runs_what_auto_measured_fastest(measured, monkeypatch, fastest):
-    conv_module = importlib.import_module("resfuse.ops.conv_bn_act")
-
-    ms, runs = measured
-    ms.update(cuda=1.0 if fastest == "cuda" else 2.0, triton=1.0 if fastest == "triton" else 2.0)
-    used: list = []
-    _spy(monkeypatch, conv_module, "_run_impl", used)
+    runs, used = _fastest_is(fastest, measured, monkeypatch, "resfuse.ops.conv_bn_act", "_run_impl")
     x = randn(2, 8, 6, 6, seed=1, memory_format=torch.channels_last)
     w = (randn(8, 8, 3, 3, seed=2) * 0.2).contiguous(memory_format=torch.channels_last)
     b, res = randn(8, seed=3), randn(2, 8, 6, 6, seed=4, memory_format=torch.channels_last)
