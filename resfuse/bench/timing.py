@@ -108,20 +108,12 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[flo
     return _time_cuda(fn, repeats, device) if device.type == "cuda" else _time_cpu(fn, repeats)
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, budget: Budget) -> Timing:
-    """Warm up ``fn`` (its first call is timed apart: compilation), then return the median of the timed
-    repetitions in milliseconds, timed in one stretch."""
-    outputs, first_call_s, repeats = _warm_up(fn, device, budget)
-    times = _time(fn, repeats, device)
-    peak = peak_bytes(fn, device) if device.type == "cuda" else None
-    return Timing(statistics.median(times), repeats, first_call_s, outputs, peak)
-
-
 def time_round_robin(fns: dict[str, Callable[[], Any]], device: torch.device,
                      budget: Budget) -> dict[str, Union[Timing, BaseException]]:
     """Time every function of one comparison, interleaved: each is warmed up in turn (its first call timed
     apart), then its repetitions are split into ``budget.rounds`` slices and round r times every function's
-    r-th slice, starting one function later each round so that none always follows the same neighbour.
+    r-th slice, starting one function later each round so that none always follows the same neighbour
+    (``rounds=1``: each function's repetitions in one stretch, one function after another).
 
     A function that raises (while warming up or timed) maps to its exception and leaves the rounds; the others
     go on."""

@@ -64,9 +64,8 @@ def bn_act(
     """
     _check_args(x, weight, bias, residual, running_mean, running_var)
     requested = requested_backend(backend)
-    impl = resolve_backend(requested, x.device)
-    if requested == "auto" and impl != "reference":
-        impl = _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu) or impl
+    impl = _measured_if_auto(requested, resolve_backend(requested, x.device), x, weight, bias, residual,
+                             running_mean, running_var, momentum, eps, relu)
     return _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, impl)
 
 
@@ -93,8 +92,8 @@ def run_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], resi
     """``bn_act`` with the backend already resolved: the path of resfuse's modules. The C++ op checks its
     arguments itself (csrc/common.h), so only the other backends' arguments are checked here, and for every
     backend the rule nn.BatchNorm2d enforces in training (the C++ op enforces it only with running stats)."""
-    if requested == "auto" and impl != "reference":
-        impl = _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu) or impl
+    impl = _measured_if_auto(requested, impl, x, weight, bias, residual, running_mean, running_var, momentum, eps,
+                             relu)
     if impl != "cuda":
         _check_args(x, weight, bias, residual, running_mean, running_var)
     else:
@@ -107,6 +106,13 @@ def _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, re
         return bn_act_ref(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)[0]
     op = torch.ops.resfuse.bn_act if impl == "cuda" else torch.ops.resfuse.bn_act_triton
     return op(x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps), bool(relu))[0]
+
+
+def _measured_if_auto(requested, impl, *args) -> str:
+    """The backend to run: ``impl``, or under ``auto`` what was measured fastest for these arguments."""
+    if requested != "auto" or impl == "reference":
+        return impl
+    return _auto_choice(*args) or impl
 
 
 _OPS = {"cuda": ("bn_act", "_bn_act_backward"), "triton": ("bn_act_triton", "_bn_act_backward_triton")}
