@@ -77,3 +77,55 @@ def test_import_without_extension_or_triton():
     env = {k: v for k, v in os.environ.items() if k not in ("RESFUSE_BACKEND",)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def _triton_flavours_grads_code(device: str) -> str:
+    """A script checking that the Triton flavours' gradients match the reference and printing their nodes."""
+    return (
+        "import torch, resfuse\n"
+        "def grads(backend):\n"
+        "    torch.manual_seed(0)\n"
+        f"    kw = dict(device={device!r})\n"
+        "    x = torch.randn(2, 4, 3, 3, **kw, requires_grad=True)\n"
+        "    w, b = torch.randn(4, **kw, requires_grad=True), torch.randn(4, **kw, requires_grad=True)\n"
+        "    r = torch.randn(2, 4, 3, 3, **kw, requires_grad=True)\n"
+        "    out = resfuse.ops.bn_act(x, w, b, r, torch.zeros(4, **kw), torch.ones(4, **kw), backend=backend)\n"
+        "    out.backward(torch.randn_like(out))\n"
+        "    conv = resfuse.ops.conv_bn_act(x, torch.randn(5, 4, 3, 3, **kw, requires_grad=True), None, None, 1, 1,\n"
+        "                                   backend=backend)\n"
+        "    conv.backward(torch.randn_like(conv))\n"
+        "    return [t.grad for t in (x, w, b, r)], (out.grad_fn.name(), conv.grad_fn.name())\n"
+        "(actual, nodes), (expected, _) = grads('triton'), grads('reference')\n"
+        "for a, e in zip(actual, expected):\n"
+        "    assert a is not None and torch.allclose(a, e, rtol=1e-4, atol=1e-5), (a, e)\n"
+        "print(*nodes, sep='\\n')\n"
+    )
+
+
+def _run_script(code: str, block_extension: bool) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RESFUSE_BACKEND",)}
+    if block_extension:
+        code = "import sys; sys.modules['resfuse._C'] = None\n" + code
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.triton
+def test_triton_flavours_autograd_without_extension():
+    """Without resfuse._C the Triton flavours' autograd kernels are Python ones (autograd.Function nodes), with
+    the reference's gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter, set by conftest.py
+    nodes = _run_script(_triton_flavours_grads_code(device), block_extension=True)
+    assert len(nodes) == 2 and not any("CppNode" in n for n in nodes), nodes
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(resfuse._loader.extension is None, reason="the resfuse._C extension is not built")
+def test_triton_flavours_autograd_is_cpp_with_extension():
+    """With the extension the Triton flavours' autograd is C++ too (csrc/*_autograd.cpp): a C++ node, not a
+    Python autograd.Function, per op of a training step, with the same gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    nodes = _run_script(_triton_flavours_grads_code(device), block_extension=False)
+    assert "BnActFunction<" in nodes[0] and "TritonKernels" in nodes[0], nodes
+    assert "ConvBnActFunction<" in nodes[1] and "TritonConv" in nodes[1], nodes

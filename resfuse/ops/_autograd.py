@@ -7,8 +7,9 @@ Autograd is an ``Autograd``-key kernel (what torchvision registers in C++), not 
 refuses ops that mutate an input; ``bn_act`` mutates the running statistics, which are not differentiable.
 The same kernel bumps the mutated buffers' version counters, which the dispatcher does not do for ops
 defined outside ``custom_op``: the cached eval-mode BN fold (resfuse/nn/fold.py) relies on them.
-The C++ ``bn_act``'s autograd kernel is the same formula written in C++ (csrc/bn_act_autograd.cpp), for the
-host time of a training step; only its fake kernels are registered here.
+When the C++ extension is built, every flavour's autograd kernel is the same formula written in C++
+(csrc/*_autograd.cpp), the Triton flavours' included, for the host time of a step: this module then registers
+only fake kernels, and the Python autograd kernels below serve the Triton flavours of a build without it.
 """
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def define_triton_op(name: str, schema: str, kernel: Callable) -> None:
     _lib.impl(name, kernel, "CPU")
 
 
+def has_autograd_kernel(name: str) -> bool:
+    """Whether ``resfuse::<name>`` has an autograd kernel yet: before this module registers one, whether the C++
+    extension did (csrc/*_autograd.cpp)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"resfuse::{name}", "Autograd")
+
+
 def _register_autograd_kernel(name: str, setup_context: Callable, backward: Callable,
                               mutated: Sequence[int] = ()) -> None:
     op = getattr(torch.ops.resfuse, name).default
@@ -98,8 +105,8 @@ def _register_autograd_kernel(name: str, setup_context: Callable, backward: Call
 def register_bn_act(name: str, backward_name: str, autograd: bool = True) -> None:
     """Fake kernels + autograd for one bn_act flavour (``resfuse::<name>`` and its backward op).
 
-    ``autograd=False``: the op's autograd kernel is registered elsewhere (the C++ flavour's, in
-    csrc/bn_act_autograd.cpp, with this module's formula and version-counter bump)."""
+    ``autograd=False``: the op's autograd kernel is registered elsewhere (in C++, csrc/bn_act_autograd.cpp,
+    with this module's formula and version-counter bump)."""
     backward_op = getattr(torch.ops.resfuse, backward_name).default
 
     @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
@@ -153,7 +160,7 @@ def register_conv_bn_act(name: str, backward_name: str, backward_registered: boo
                          autograd: bool = True) -> None:
     """Fake kernels + autograd for one conv_bn_act flavour. ``backward_registered``: its backward op is another
     flavour's, whose fake kernel is already registered. ``autograd=False``: the op's autograd kernel is
-    registered elsewhere (the C++ flavours', in csrc/conv_bn_act_autograd.cpp, with this module's formula)."""
+    registered elsewhere (in C++, csrc/conv_bn_act_autograd.cpp, with this module's formula)."""
     @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
     def _fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
         return empty_activation(input, conv_output_shape(input, weight, stride, padding, dilation))
