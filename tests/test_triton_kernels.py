@@ -194,9 +194,10 @@ def test_bn_act_output_mask(mask):
     run_bn((2, 3, 5, 7), torch.float64, "channels_last", mask=mask, affine=False)
 
 
-def test_bn_act_large_mean_fp32():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_act_large_mean_fp32(layout):
     """|mean| >> std: a naive E[x^2] - E[x]^2 in fp32 would lose every digit of the variance."""
-    x = make((4, 5, 12, 12), torch.float32, "nchw", scale=1.0, offset=3000.0)
+    x = make((4, 5, 12, 12), torch.float32, layout, scale=1.0, offset=3000.0)
     out, mean, invstd = bn_act_fwd(x, None, None, None, None, None, 0.1, 1e-5, False)
     xs = x.double()
     var = xs.var(dim=(0, 2, 3), unbiased=False)

@@ -23,8 +23,8 @@ Accumulation is fp32 (fp64 for float64 input); offsets are int64.
 
 Statistics are a deterministic two-level reduction in one launch: each program of `_bn_stats_partial_kernel`
 (grid: row-programs x channel blocks) folds a fixed range of tiles into per-program (count, mean, M2) partials
-with Chan's update; the program of each channel block that finishes last (an arrival counter, `_is_last`)
-merges that block's partials with the same formula in a fixed order, writes mean / invstd and updates the
+through sums shifted by its first tile's mean; the program of each channel block that finishes last (an
+arrival counter, `_is_last`) merges that block's partials in a fixed order, writes mean / invstd and updates the
 running statistics.  `_bn_act_fwd_kernel` then writes the output in one pass: two launches per forward.
 The backward reduces sum(g) and sum(g * (x - mean)) the same way, and `_bn_act_bwd_dx_kernel` writes
 grad_input and grad_residual in one pass: two launches per backward.  The reduction / apply kernels also serve the conv epilogue
@@ -180,74 +180,89 @@ def _bn_stats_partial_kernel(x_ptr, cnt_ptr, pmean_ptr, pm2_ptr, counter_ptr,
                              CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_p = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
-    t_begin = pid_p * tiles_per_prog
-    n_local = tl.minimum(tiles_per_prog, n_tiles - t_begin)
-    n = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for k in range(0, n_local):
-        offs, mask, cnt = _tile_offsets(t_begin + k, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        nb = cnt.to(ACC)
-        # Centre each tile on its own mean before squaring, then merge (Chan et al.): no catastrophic
-        # cancellation even when |mean| >> std or n is in the hundreds of millions.
-        mb = tl.sum(x, axis=0) / nb
-        d = tl.where(mask, x - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, axis=0)
-        tot = n + nb
-        frac = nb / tot
-        delta = mb - mean
-        mean += delta * frac
-        m2 += m2b + delta * delta * n * frac
-        n = tot
+    pid_c = tl.program_id(1)
+    c0 = pid_c * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    t_begin = pid_p * tiles_per_prog
+    n_local = tl.minimum(tiles_per_prog, n_tiles - t_begin)
+    # Shifted sums: every value is taken relative to `shift`, the mean of this program's first tile, so the
+    # squares summed below are of the order of the variance and sum((x - shift)^2) - sum(x - shift)^2 / n does
+    # not cancel even when |mean| >> std. The sums are tile-shaped, one per lane, and reduced across lanes once
+    # after the loop: the loop body has no cross-warp reduction and no barrier, only loads and FMAs.
+    offs, mask, cnt = _tile_offsets(t_begin, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    shift = tl.sum(tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC), axis=0) / cnt.to(ACC)
+    s1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    s2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    n = cnt * 0
+    # Two tiles per iteration, both loads issued before either is used: twice the bytes in flight per program.
+    for k in range(0, n_local, 2):
+        offs_a, mask_a, cnt_a = _tile_offsets(t_begin + k, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST,
+                                              BLOCK_R, BLOCK_C)
+        offs_b, mask_b, cnt_b = _tile_offsets(t_begin + k + 1, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST,
+                                              BLOCK_R, BLOCK_C)
+        has_b = k + 1 < n_local
+        mask_b = mask_b & has_b
+        xa = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0).to(ACC)
+        xb = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0).to(ACC)
+        da = tl.where(mask_a, xa - shift[None, :], 0.0)
+        db = tl.where(mask_b, xb - shift[None, :], 0.0)
+        s1 += da + db
+        s2 += da * da + db * db
+        n += cnt_a + tl.where(has_b, cnt_b, 0)
+    nf = n.to(ACC)
+    t1 = tl.sum(s1, axis=0)
+    mean = shift + t1 / nf
+    m2 = tl.maximum(tl.sum(s2, axis=0) - t1 * (t1 / nf), 0.0)
     poffs = pid_p.to(tl.int64) * C + cols
-    tl.store(cnt_ptr + poffs, n, mask=cmask)
+    # One count per program (it is the same for every channel), stored per channel block so that each block's
+    # merge reads only what its own programs wrote.
+    tl.store(cnt_ptr + pid_c * tl.num_programs(0) + pid_p, nf)
     tl.store(pmean_ptr + poffs, mean, mask=cmask)
     tl.store(pm2_ptr + poffs, m2, mask=cmask)
     if _is_last(counter_ptr):
-        _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, tl.num_programs(0), C, cols, cmask,
-                        eps_hi, eps_lo, mom_hi, mom_lo, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
-                        HAS_RM, HAS_RV, ACC, BLOCK_P, BLOCK_C)
+        _bn_stats_merge(cnt_ptr + pid_c * tl.num_programs(0), pmean_ptr, pm2_ptr, tl.num_programs(0), n_rows,
+                        C, cols, cmask, eps_hi, eps_lo, mom_hi, mom_lo, mean_ptr, invstd_ptr, rm_ptr, rv_ptr,
+                        rm_stride, rv_stride, HAS_RM, HAS_RV, ACC, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
-def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, C, cols, cmask, eps_hi, eps_lo, mom_hi, mom_lo,
+def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, n_total, C, cols, cmask, eps_hi, eps_lo, mom_hi, mom_lo,
                     mean_ptr, invstd_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
                     HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merges the P partials of channels `cols` in a fixed order, writes mean / invstd, updates running stats."""
+    """Merges the P partials (count, mean, M2) of channels `cols` in a fixed order, writes mean / invstd and
+    updates the running statistics.
+
+    The partials' means are taken relative to the first one's, `ref`: with d_p = mean_p - ref,
+        mean = ref + sum(n_p * d_p) / n        M2 = sum(M2_p + n_p * d_p^2) - n * (mean - ref)^2
+    exact, and without cancellation since every partial holds thousands of values and ref is within a few of
+    their standard errors of the mean. Tile-shaped sums again: one cross-lane reduction after the loop."""
     # Float scalars reach kernels as fp32; eps and momentum come as hi + lo fp32 pairs so that float64
     # inputs see them at (nearly) double precision.
     eps = (tl.zeros([BLOCK_C], dtype=ACC) + eps_hi) + eps_lo
     momentum = (tl.zeros([BLOCK_C], dtype=ACC) + mom_hi) + mom_lo
-    n = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # .cg: other programs wrote these; read them from L2.
+    ref = tl.load(pmean_ptr + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    a = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    b = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        m = (ps < P)[:, None] & cmask[None, :]
+        pmask = ps < P
+        m = pmask[:, None] & cmask[None, :]
         offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-        # .cg: other programs wrote these; read them from L2.
-        cb = tl.load(cnt_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+        cb = tl.load(cnt_ptr + ps, mask=pmask, other=0.0, cache_modifier=".cg")
         mp = tl.load(pmean_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
         m2p = tl.load(pm2_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
-        # Exact merge of BLOCK_P partials (two-pass around their common mean), then Chan into the running one.
-        nb = tl.sum(cb, axis=0)
-        nb_safe = tl.where(nb > 0, nb, 1.0)
-        mb = tl.sum(cb * mp, axis=0) / nb_safe
-        dev = mp - mb[None, :]
-        m2b = tl.sum(m2p + cb * dev * dev, axis=0)
-        tot = n + nb
-        frac = nb / tl.where(tot > 0, tot, 1.0)
-        delta = mb - mean
-        mean += delta * frac
-        m2 += m2b + delta * delta * n * frac
-        n = tot
-    n_safe = tl.where(n > 0, n, 1.0)
-    var = m2 / n_safe
+        d = tl.where(m, mp - ref[None, :], 0.0)
+        nd = cb[:, None] * d
+        a += nd
+        b += m2p + nd * d
+    n = (tl.zeros([BLOCK_C], dtype=ACC) + n_total).to(ACC)
+    dm = tl.sum(a, axis=0) / n
+    mean = ref + dm
+    m2 = tl.maximum(tl.sum(b, axis=0) - n * dm * dm, 0.0)
+    var = m2 / n
     if ACC == tl.float64:
         invstd = 1.0 / tl.sqrt(var + eps)
     else:
@@ -587,7 +602,8 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
     cfg = launch_config(lay.outer, C, lay.inner, x.device)
     P = cfg.n_parts
-    pcnt, pmean, pm2 = torch.empty((3, P, C), dtype=acc_t, device=x.device).unbind(0)  # one allocation
+    # One allocation; pcnt holds one count per (channel block, program), c_blocks * P <= C * P values.
+    pcnt, pmean, pm2 = torch.empty((3, P, C), dtype=acc_t, device=x.device).unbind(0)
     has_rm, has_rv = running_mean is not None, running_var is not None
     _bn_stats_partial_kernel[(P, cfg.c_blocks)](
         xc, pcnt, pmean, pm2, _column_counters(cfg.c_blocks, x.device),
