@@ -308,6 +308,24 @@ def test_bn_act_more_channel_blocks_than_counters():
         torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("C,H", [(64, 112), (64, 56), (128, 28), (256, 14), (512, 7), (1024, 14), (2048, 7)])
+def test_launch_configs_for_resnet_widths_on_an_h100(C, H, monkeypatch):
+    """The GPU tiling rules, computed without a GPU for an H100's 132 SMs (NHWC, N=128): tiles of at most 2K
+    elements, elementwise rows of 64 channels, and reductions whose last program merges its channel block's
+    partials in at most 5 steps (triton_kernels/bn_act.py, _launch_config)."""
+    from resfuse.triton_kernels import bn_act as bn_mod
+
+    monkeypatch.setattr(bn_mod, "_sm_count", lambda device: 132)
+    gpu = torch.device("cuda", 0)  # only its type is read
+    elementwise = bn_mod._launch_config(128 * H * H, C, 1, gpu, False, False)
+    reduction = bn_mod._launch_config(128 * H * H, C, 1, gpu, False, True)
+    for cfg in (elementwise, reduction):
+        assert cfg.channels_last and cfg.BLOCK_R * cfg.BLOCK_C <= 2048 and cfg.BLOCK_P * cfg.BLOCK_C <= 2048
+        assert cfg.n_parts * cfg.c_blocks <= 4 * 132  # one wave of 4 programs per SM
+    assert elementwise.BLOCK_C == 64
+    assert -(-reduction.n_parts // reduction.BLOCK_P) <= 5, reduction
+
+
 # ---------------------------------------------------------------------------------------------------- epilogue
 
 

@@ -5,7 +5,7 @@ conv_epilogue_fwd / conv_epilogue_bwd: the bias + residual + ReLU epilogue of co
 Set TRITON_INTERPRET=1 before importing this package to run the kernels on CPU tensors.
 """
 from .bias_act import conv_epilogue_bwd, conv_epilogue_fwd
-from .bn_act import LaunchConfig, bn_act_bwd, bn_act_fwd, launch_config
+from .bn_act import LaunchConfig, bn_act_bwd, bn_act_fwd, launch_config, reduction_config
 from .conv_bn_act import conv_bn_act_fwd
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "conv_epilogue_fwd",
     "conv_epilogue_bwd",
     "launch_config",
+    "reduction_config",
     "LaunchConfig",
 ]

@@ -28,6 +28,7 @@ from .bn_act import (
     _like,
     _same_layout,
     launch_config,
+    reduction_config,
 )
 
 
@@ -71,10 +72,11 @@ def conv_epilogue_bwd(grad_out: torch.Tensor, out: torch.Tensor, relu: bool, nee
     go = _same_layout("grad_out", grad_out, out, lay)
     o = out.contiguous(memory_format=lay.fmt) if relu else None
     acc_t, acc_tl = _acc_dtypes(out.dtype)
-    cfg = launch_config(lay.outer, lay.C, lay.inner, dev)
     if need_grad_bias:
+        cfg = reduction_config(lay.outer, lay.C, lay.inner, dev)
         _grad_reduce(go, o, None, None, None, g, lay, cfg, acc_t, acc_tl, relu=relu, has_x=False,
                      grad_bias=grad_bias)
     else:
+        cfg = launch_config(lay.outer, lay.C, lay.inner, dev)
         _grad_elementwise(go, o, None, None, None, None, None, None, g, lay, cfg, acc_tl, relu=relu)
     return g, grad_bias

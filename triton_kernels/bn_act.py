@@ -90,21 +90,34 @@ def _sm_count(device: torch.device) -> int:
 # Cached: a training step asks for the same few shapes on every call, and the host time of a launch is what
 # limits a block at small activations (the GPU work of a C256_H14 block is a third of its eager host time).
 def launch_config(outer: int, C: int, inner: int, device: torch.device) -> LaunchConfig:
-    return _launch_config(outer, C, inner, device, _interpreting())
+    """Tiles of the elementwise kernels (apply, dx)."""
+    return _launch_config(outer, C, inner, device, _interpreting(), False)
+
+
+def reduction_config(outer: int, C: int, inner: int, device: torch.device) -> LaunchConfig:
+    """Tiles, partials and merge steps of the reduction kernels (statistics, gradient sums)."""
+    return _launch_config(outer, C, inner, device, _interpreting(), True)
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp: bool) -> LaunchConfig:
+def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp: bool,
+                   reduction: bool) -> LaunchConfig:
     """Block sizes from the [outer, C, inner] shape.
 
     The interpreter runs every program instance in Python, so there the tiles are tiny: that keeps CI fast on the
     small test shapes and still exercises the multi-tile, multi-partial and masked paths.  On a GPU a tile holds
     about 2K elements (enough bytes in flight per program, few registers) and the reduction keeps a few waves of
     programs busy while the partial buffer stays small.
+
+    A reduction's tail is its merge: the last program of each channel block reads the block's n_parts partials,
+    BLOCK_P = 2048 / BLOCK_C per step, one L2 round trip per step while the rest of the GPU waits: about
+    4 x SMs x BLOCK_C^2 / (2048 x C) steps.  With 64-channel NHWC tiles that is 17 steps at C = 64 and 9 at
+    C = 128 on an H100, so the reductions take 32-channel tiles (64-byte row segments) up to C = 128: 5 and 3
+    steps, and more channel blocks merging at once.  The elementwise kernels keep 64-channel rows.
     """
     channels_last = inner == 1
     if channels_last:
-        BLOCK_C = min(_np2(C), 16 if interp else 64)
+        BLOCK_C = min(_np2(C), 16 if interp else (32 if reduction and C <= 128 else 64))
         BLOCK_R = 16 if interp else max(16, min(512, 2048 // BLOCK_C))
         n_itiles = 1
         n_tiles = triton.cdiv(outer, BLOCK_R)
@@ -122,7 +135,7 @@ def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp:
     target_parts = max(1, min(target_parts, n_tiles))
     tiles_per_prog = triton.cdiv(n_tiles, target_parts)
     n_parts = triton.cdiv(n_tiles, tiles_per_prog)
-    BLOCK_P = 2 if interp else max(1, min(32, 2048 // BLOCK_C))
+    BLOCK_P = 2 if interp else max(1, min(64, 2048 // BLOCK_C))
     num_warps = 4 if BLOCK_R * BLOCK_C <= 2048 else 8
     return LaunchConfig(channels_last, BLOCK_R, BLOCK_C, n_itiles, n_tiles, c_blocks, tiles_per_prog, n_parts,
                         BLOCK_P, num_warps)
@@ -540,7 +553,8 @@ def _apply(xc, out, lay, cfg, acc_tl, *, mean=None, invstd=None, weight=None, bi
 
 def _grad_reduce(go, out, xc, mean, invstd, g_out, lay, cfg, acc_t, acc_tl, *, relu, has_x,
                  sums=None, grad_weight=None, grad_bias=None):
-    """Two-level reduction of sum(g) (and sum(g * xhat) when has_x); optionally writes g on the way."""
+    """Two-level reduction of sum(g) (and sum(g * xhat) when has_x); optionally writes g on the way.
+    cfg: a reduction_config."""
     P, C = cfg.n_parts, lay.C
     partials = torch.empty((2 if has_x else 1, P, C), dtype=acc_t, device=go.device)  # one allocation
     pg, pgx = partials[0], partials[-1]
@@ -600,20 +614,20 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         raise RuntimeError(f"bn_act: expected more than 1 value per channel when training with running_var "
                            f"(n = N*H*W = {n}), got input size {list(x.shape)}")
 
-    cfg = launch_config(lay.outer, C, lay.inner, x.device)
-    P = cfg.n_parts
+    rcfg = reduction_config(lay.outer, C, lay.inner, x.device)
+    P = rcfg.n_parts
     # One allocation; pcnt holds one count per (channel block, program), c_blocks * P <= C * P values.
     pcnt, pmean, pm2 = torch.empty((3, P, C), dtype=acc_t, device=x.device).unbind(0)
     has_rm, has_rv = running_mean is not None, running_var is not None
-    _bn_stats_partial_kernel[(P, cfg.c_blocks)](
-        xc, pcnt, pmean, pm2, _column_counters(cfg.c_blocks, x.device),
-        C, lay.inner, n, cfg.n_itiles, cfg.n_tiles, cfg.tiles_per_prog,
+    _bn_stats_partial_kernel[(P, rcfg.c_blocks)](
+        xc, pcnt, pmean, pm2, _column_counters(rcfg.c_blocks, x.device),
+        C, lay.inner, n, rcfg.n_itiles, rcfg.n_tiles, rcfg.tiles_per_prog,
         *_split_f64(eps), *_split_f64(momentum), save_mean, save_invstd,
         running_mean if has_rm else save_mean, running_var if has_rv else save_mean,
         running_mean.stride(0) if has_rm else 1, running_var.stride(0) if has_rv else 1,
-        HAS_RM=has_rm, HAS_RV=has_rv, CHANNELS_LAST=cfg.channels_last, ACC=acc_tl,
-        BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_P=cfg.BLOCK_P, num_warps=cfg.num_warps)
-    _apply(xc, out, lay, cfg, acc_tl, mean=save_mean, invstd=save_invstd, weight=w, bias=b, residual=res,
+        HAS_RM=has_rm, HAS_RV=has_rv, CHANNELS_LAST=rcfg.channels_last, ACC=acc_tl,
+        BLOCK_R=rcfg.BLOCK_R, BLOCK_C=rcfg.BLOCK_C, BLOCK_P=rcfg.BLOCK_P, num_warps=rcfg.num_warps)
+    _apply(xc, out, lay, launch_config(lay.outer, C, lay.inner, x.device), acc_tl, mean=save_mean, invstd=save_invstd, weight=w, bias=b, residual=res,
            relu=relu)
     return out, save_mean, save_invstd
 
@@ -650,16 +664,17 @@ def bn_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     mean = _channel_vec("save_mean", save_mean, C)
     invstd = _channel_vec("save_invstd", save_invstd, C)
     w = _channel_vec("weight", weight, C)
-    cfg = launch_config(lay.outer, C, lay.inner, dev)
 
     sums = None
     if mask[0] or mask[1] or mask[2]:
         has_x = mask[0] or mask[1]
         if mask[0]:
             sums = tuple(torch.empty((2, C), dtype=acc_t, device=dev).unbind(0))
-        _grad_reduce(go, o, xc, mean, invstd, None, lay, cfg, acc_t, acc_tl, relu=relu, has_x=has_x, sums=sums,
+        _grad_reduce(go, o, xc, mean, invstd, None, lay, reduction_config(lay.outer, C, lay.inner, dev), acc_t,
+                     acc_tl, relu=relu, has_x=has_x, sums=sums,
                      grad_weight=grad_weight if mask[1] else None, grad_bias=grad_bias if mask[2] else None)
     if mask[0] or mask[3]:
         _grad_elementwise(go, o, xc, mean, invstd, w, sums, grad_input if mask[0] else None,
-                          grad_residual if mask[3] else None, lay, cfg, acc_tl, relu=relu)
+                          grad_residual if mask[3] else None, lay, launch_config(lay.outer, C, lay.inner, dev),
+                          acc_tl, relu=relu)
     return grad_input, grad_weight, grad_bias, grad_residual
