@@ -27,8 +27,9 @@ through sums shifted by its first tile's mean; the program of each channel block
 arrival counter, `_is_last`) merges that block's partials in a fixed order, writes mean / invstd and updates the
 running statistics.  `_bn_act_fwd_kernel` then writes the output in one pass: two launches per forward.
 The backward reduces sum(g) and sum(g * (x - mean)) the same way, and `_bn_act_bwd_dx_kernel` writes
-grad_input and grad_residual in one pass: two launches per backward.  The reduction / apply kernels also serve the conv epilogue
-(bias_act.py) through their constexpr flags.
+grad_input and grad_residual in one pass: two launches per backward.  The reduction / apply kernels also serve
+the conv epilogue (bias_act.py) through their constexpr flags.  The reductions and the elementwise kernels
+tile differently (`reduction_config`, `launch_config`).
 """
 import functools
 import os
@@ -627,8 +628,8 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         running_mean.stride(0) if has_rm else 1, running_var.stride(0) if has_rv else 1,
         HAS_RM=has_rm, HAS_RV=has_rv, CHANNELS_LAST=rcfg.channels_last, ACC=acc_tl,
         BLOCK_R=rcfg.BLOCK_R, BLOCK_C=rcfg.BLOCK_C, BLOCK_P=rcfg.BLOCK_P, num_warps=rcfg.num_warps)
-    _apply(xc, out, lay, launch_config(lay.outer, C, lay.inner, x.device), acc_tl, mean=save_mean, invstd=save_invstd, weight=w, bias=b, residual=res,
-           relu=relu)
+    _apply(xc, out, lay, launch_config(lay.outer, C, lay.inner, x.device), acc_tl, mean=save_mean,
+           invstd=save_invstd, weight=w, bias=b, residual=res, relu=relu)
     return out, save_mean, save_invstd
 
 
