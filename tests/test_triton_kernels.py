@@ -456,10 +456,15 @@ def test_gpu_conv_epilogue_resnet_stages(shape, dtype, layout):
 
 
 @pytest.mark.cuda
-def test_gpu_bn_act_statistics_100m_elements():
-    """~100M elements per call, mean far from zero: the Chan merges must keep fp32 statistics accurate."""
-    x = (torch.randn(64, 4, 640, 640, device="cuda") * 0.5 + 20.0).to(torch.float16)
-    rm, rv = torch.zeros(4, device="cuda"), torch.ones(4, device="cuda")
+@pytest.mark.parametrize("shape,layout", [((64, 4, 640, 640), "nchw"), ((64, 64, 160, 160), "channels_last")])
+def test_gpu_bn_act_statistics_100m_elements(shape, layout):
+    """~100M elements per call, mean far from zero: the shifted sums and the merges must keep fp32 statistics
+    accurate (NHWC at C = 64: the reductions' 32-channel tiles, two channel blocks)."""
+    x = (torch.randn(shape, device="cuda") * 0.5 + 20.0).to(torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
     _, mean, invstd = bn_act_fwd(x, None, None, None, rm, rv, 1.0, 1e-5, False)
     xs = x.double()
     m = xs.mean(dim=(0, 2, 3))
