@@ -49,8 +49,8 @@ from ..reference import memory_format_of as suggest_memory_format
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Read once: triton decides whether kernels are interpreted when it decorates them, i.e. when this module loads.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _np2(v: int) -> int:
@@ -88,19 +88,26 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Cached: a training step asks for the same few shapes on every call, and the host time of a launch is what
-# limits a block at small activations (the GPU work of a C256_H14 block is a third of its eager host time).
 def launch_config(outer: int, C: int, inner: int, device: torch.device) -> LaunchConfig:
     """Tiles of the elementwise kernels (apply, dx)."""
-    return _launch_config(outer, C, inner, device, _interpreting(), False)
+    return _configs(outer, C, inner, device)[0]
 
 
 def reduction_config(outer: int, C: int, inner: int, device: torch.device) -> LaunchConfig:
     """Tiles, partials and merge steps of the reduction kernels (statistics, gradient sums)."""
-    return _launch_config(outer, C, inner, device, _interpreting(), True)
+    return _configs(outer, C, inner, device)[1]
 
 
+# Cached, both in one lookup: a training step asks for the same few shapes on every call, and the host time of
+# a launch is what limits a block at small activations (the GPU work of a C256_H14 block is a third of its
+# eager host time).
 @functools.lru_cache(maxsize=1024)
+def _configs(outer: int, C: int, inner: int, device: torch.device) -> tuple[LaunchConfig, LaunchConfig]:
+    """(elementwise, reduction) configurations of one [outer, C, inner] shape."""
+    return (_launch_config(outer, C, inner, device, _INTERPRETING, False),
+            _launch_config(outer, C, inner, device, _INTERPRETING, True))
+
+
 def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp: bool,
                    reduction: bool) -> LaunchConfig:
     """Block sizes from the [outer, C, inner] shape.
@@ -455,6 +462,7 @@ def _to_f32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
+@functools.lru_cache(maxsize=256)  # eps and momentum: the same few values on every call
 def _split_f64(v: float):
     """v as an fp32 pair (hi, lo) with hi + lo == v to about 48 bits."""
     v = float(v)
@@ -474,7 +482,7 @@ def _check_activation(name: str, t: torch.Tensor) -> None:
         raise RuntimeError(f"resfuse triton: {name} must have at least 2 dims (N, C, ...), got {t.dim()}")
     if t.dtype not in _SUPPORTED:
         raise RuntimeError(f"resfuse triton: unsupported dtype {t.dtype} for {name}; expected one of {_SUPPORTED}")
-    if t.device.type == "cpu" and not _interpreting():
+    if t.device.type == "cpu" and not _INTERPRETING:
         raise RuntimeError("resfuse triton: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
                            "importing resfuse.triton_kernels)")
 
@@ -615,7 +623,7 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         raise RuntimeError(f"bn_act: expected more than 1 value per channel when training with running_var "
                            f"(n = N*H*W = {n}), got input size {list(x.shape)}")
 
-    rcfg = reduction_config(lay.outer, C, lay.inner, x.device)
+    cfg, rcfg = _configs(lay.outer, C, lay.inner, x.device)
     P = rcfg.n_parts
     # One allocation; pcnt holds one count per (channel block, program), c_blocks * P <= C * P values.
     pcnt, pmean, pm2 = torch.empty((3, P, C), dtype=acc_t, device=x.device).unbind(0)
@@ -628,8 +636,8 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         running_mean.stride(0) if has_rm else 1, running_var.stride(0) if has_rv else 1,
         HAS_RM=has_rm, HAS_RV=has_rv, CHANNELS_LAST=rcfg.channels_last, ACC=acc_tl,
         BLOCK_R=rcfg.BLOCK_R, BLOCK_C=rcfg.BLOCK_C, BLOCK_P=rcfg.BLOCK_P, num_warps=rcfg.num_warps)
-    _apply(xc, out, lay, launch_config(lay.outer, C, lay.inner, x.device), acc_tl, mean=save_mean,
-           invstd=save_invstd, weight=w, bias=b, residual=res, relu=relu)
+    _apply(xc, out, lay, cfg, acc_tl, mean=save_mean, invstd=save_invstd, weight=w, bias=b, residual=res,
+           relu=relu)
     return out, save_mean, save_invstd
 
 
@@ -665,17 +673,16 @@ def bn_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     mean = _channel_vec("save_mean", save_mean, C)
     invstd = _channel_vec("save_invstd", save_invstd, C)
     w = _channel_vec("weight", weight, C)
+    cfg, rcfg = _configs(lay.outer, C, lay.inner, dev)
 
     sums = None
     if mask[0] or mask[1] or mask[2]:
         has_x = mask[0] or mask[1]
         if mask[0]:
             sums = tuple(torch.empty((2, C), dtype=acc_t, device=dev).unbind(0))
-        _grad_reduce(go, o, xc, mean, invstd, None, lay, reduction_config(lay.outer, C, lay.inner, dev), acc_t,
-                     acc_tl, relu=relu, has_x=has_x, sums=sums,
+        _grad_reduce(go, o, xc, mean, invstd, None, lay, rcfg, acc_t, acc_tl, relu=relu, has_x=has_x, sums=sums,
                      grad_weight=grad_weight if mask[1] else None, grad_bias=grad_bias if mask[2] else None)
     if mask[0] or mask[3]:
         _grad_elementwise(go, o, xc, mean, invstd, w, sums, grad_input if mask[0] else None,
-                          grad_residual if mask[3] else None, lay, launch_config(lay.outer, C, lay.inner, dev),
-                          acc_tl, relu=relu)
+                          grad_residual if mask[3] else None, lay, cfg, acc_tl, relu=relu)
     return grad_input, grad_weight, grad_bias, grad_residual
