@@ -63,14 +63,12 @@ def define_triton_op(name: str, schema: str, kernel: Callable) -> None:
     _lib.impl(name, kernel, "CPU")
 
 
-def has_autograd_kernel(name: str) -> bool:
-    """Whether ``resfuse::<name>`` has an autograd kernel yet: before this module registers one, whether the C++
-    extension did (csrc/*_autograd.cpp)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"resfuse::{name}", "Autograd")
-
-
 def _register_autograd_kernel(name: str, setup_context: Callable, backward: Callable,
                               mutated: Sequence[int] = ()) -> None:
+    """The Python autograd kernel of ``resfuse::<name>``, unless the C++ extension registered its own (every
+    flavour's when it is built: less host time per call)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"resfuse::{name}", "Autograd"):
+        return
     op = getattr(torch.ops.resfuse, name).default
 
     class _Function(torch.autograd.Function):
@@ -102,11 +100,9 @@ def _register_autograd_kernel(name: str, setup_context: Callable, backward: Call
     _lib.impl(name, autograd_kernel, "Autograd")
 
 
-def register_bn_act(name: str, backward_name: str, autograd: bool = True) -> None:
-    """Fake kernels + autograd for one bn_act flavour (``resfuse::<name>`` and its backward op).
-
-    ``autograd=False``: the op's autograd kernel is registered elsewhere (in C++, csrc/bn_act_autograd.cpp,
-    with this module's formula and version-counter bump)."""
+def register_bn_act(name: str, backward_name: str) -> None:
+    """Fake kernels + autograd for one bn_act flavour (``resfuse::<name>`` and its backward op); the autograd
+    kernel only where csrc/bn_act_autograd.cpp did not register the same formula and version-counter bump."""
     backward_op = getattr(torch.ops.resfuse, backward_name).default
 
     @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
@@ -139,8 +135,7 @@ def register_bn_act(name: str, backward_name: str, autograd: bool = True) -> Non
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 gr if mask[3] else None, None, None, None, None, None)
 
-    if autograd:
-        _register_autograd_kernel(name, setup_context, backward, mutated=(4, 5))
+    _register_autograd_kernel(name, setup_context, backward, mutated=(4, 5))
 
 
 def _register_fake_conv_backward(backward_name: str) -> None:
@@ -156,19 +151,16 @@ def _register_fake_conv_backward(backward_name: str) -> None:
         return gi, gw, gb, gr
 
 
-def register_conv_bn_act(name: str, backward_name: str, backward_registered: bool = False,
-                         autograd: bool = True) -> None:
-    """Fake kernels + autograd for one conv_bn_act flavour. ``backward_registered``: its backward op is another
-    flavour's, whose fake kernel is already registered. ``autograd=False``: the op's autograd kernel is
-    registered elsewhere (in C++, csrc/conv_bn_act_autograd.cpp, with this module's formula)."""
+def register_conv_bn_act(name: str, backward_name: str, backward_registered: bool = False) -> None:
+    """Fake kernels + autograd for one conv_bn_act flavour; the autograd kernel only where
+    csrc/conv_bn_act_autograd.cpp did not register the same formula. ``backward_registered``: its backward op is
+    another flavour's, whose fake kernel is already registered."""
     @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
     def _fake(input, weight, bias, residual, stride, padding, dilation, groups, relu):
         return empty_activation(input, conv_output_shape(input, weight, stride, padding, dilation))
 
     if not backward_registered:
         _register_fake_conv_backward(backward_name)
-    if not autograd:
-        return
     backward_op = getattr(torch.ops.resfuse, backward_name).default
 
     def setup_context(ctx, inputs, output):

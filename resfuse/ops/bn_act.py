@@ -39,12 +39,9 @@ def _bn_act_backward_triton(grad_out, input, weight, out, save_mean, save_invstd
 
 _autograd.define_triton_op("bn_act_triton", _SCHEMA, bn_act_triton)
 _autograd.define_triton_op("_bn_act_backward_triton", _BACKWARD_SCHEMA, _bn_act_backward_triton)
-# With the extension both flavours' autograd kernels are C++ (csrc/bn_act_autograd.cpp): less host time per
-# training step. Without it the Triton flavour's is Python.
-_autograd.register_bn_act("bn_act_triton", "_bn_act_backward_triton",
-                          autograd=not _autograd.has_autograd_kernel("bn_act_triton"))
+_autograd.register_bn_act("bn_act_triton", "_bn_act_backward_triton")
 if _loader.extension is not None:
-    _autograd.register_bn_act("bn_act", "_bn_act_backward", autograd=False)
+    _autograd.register_bn_act("bn_act", "_bn_act_backward")
 
 
 def bn_act(

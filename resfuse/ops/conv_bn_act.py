@@ -62,17 +62,12 @@ def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, 
 
 _autograd.define_triton_op("conv_bn_act_triton", _SCHEMA, conv_bn_act_triton)
 _autograd.define_triton_op("_conv_bn_act_backward_triton", _BACKWARD_SCHEMA, _conv_bn_act_backward_triton)
-# With the extension every flavour's autograd kernel is C++ (csrc/conv_bn_act_autograd.cpp): less host time
-# per conv. Without it the Triton flavour's is Python.
-_autograd.register_conv_bn_act("conv_bn_act_triton", "_conv_bn_act_backward_triton",
-                               autograd=not _autograd.has_autograd_kernel("conv_bn_act_triton"))
+_autograd.register_conv_bn_act("conv_bn_act_triton", "_conv_bn_act_backward_triton")
 if _loader.extension is not None:
     # The three C++ flavours share the contract and the backward; only how the forward computes `out` differs.
-    _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward", autograd=False)
-    _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True,
-                                   autograd=False)
-    _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True,
-                                   autograd=False)
+    _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward")
+    _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True)
+    _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True)
 
 CUDA_CONV_KERNELS = ("aten", "igemm", "sm90")
 
