@@ -211,13 +211,15 @@ def _bn_stats_partial_kernel(x_ptr, cnt_ptr, pmean_ptr, pm2_ptr, counter_ptr,
     # squares summed below are of the order of the variance and sum((x - shift)^2) - sum(x - shift)^2 / n does
     # not cancel even when |mean| >> std. The sums are tile-shaped, one per lane, and reduced across lanes once
     # after the loop: the loop body has no cross-warp reduction and no barrier, only loads and FMAs.
+    # The first tile gives the shift and starts the sums.
     offs, mask, cnt = _tile_offsets(t_begin, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-    shift = tl.sum(tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC), axis=0) / cnt.to(ACC)
-    s1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
-    s2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
-    n = cnt * 0
+    x0 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    shift = tl.sum(x0, axis=0) / cnt.to(ACC)
+    s1 = tl.where(mask, x0 - shift[None, :], 0.0)
+    s2 = s1 * s1
+    n = cnt
     # Two tiles per iteration, both loads issued before either is used: twice the bytes in flight per program.
-    for k in range(0, n_local, 2):
+    for k in range(1, n_local, 2):
         offs_a, mask_a, cnt_a = _tile_offsets(t_begin + k, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST,
                                               BLOCK_R, BLOCK_C)
         offs_b, mask_b, cnt_b = _tile_offsets(t_begin + k + 1, c0, C, inner, n_rows, n_itiles, CHANNELS_LAST,
