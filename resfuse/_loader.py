@@ -6,11 +6,8 @@ unavailable, with the reason recorded here.
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import ModuleType
 from typing import Optional
-
-import torch
 
 extension: Optional[ModuleType] = None
 extension_error: Optional[str] = None
@@ -44,12 +41,8 @@ def extension_has_cuda() -> bool:
 
 
 def triton_interpreting() -> bool:
-    """Triton's interpreter runs kernels on CPU tensors; it is read when a kernel is decorated."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def cuda_device_available() -> bool:
-    return torch.cuda.is_available()
+    """Whether the Triton kernels were decorated for Triton's interpreter (they then run on CPU tensors)."""
+    return triton_kernels is not None and triton_kernels.INTERPRETING
 
 
 def require_triton_kernels() -> ModuleType:

@@ -194,7 +194,7 @@ def test_non_batchnorm_norm_layer_warns_once_and_matches(backend):
     ours = resfuse.BasicBlock(4, 4, norm_layer=norm_layer, backend=backend)
     ours.load_state_dict(ref.state_dict())
     x = make_input((2, 4, 5, 5), "contiguous")
-    resfuse.nn.functional._warned.clear()
+    resfuse.nn.routing._warned.clear()
     with pytest.warns(UserWarning, match="no fused kernel for norm layer GroupNorm"):
         out = ours(x)
     assert torch.equal(out, ref(x))

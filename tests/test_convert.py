@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.models import resnet as tv
 
 from _helpers import backends_on, randn, randomize_bn_, rel_err, resfuse
+from resfuse.nn.eager_blocks import EagerBasicBlock
 
 CPU_BACKENDS = backends_on("cpu")
 # The interpreter runs Triton kernels one program at a time in Python: whole models stay on the C++ kernels.
@@ -62,11 +63,11 @@ def test_convert_rejects_unknown_backend():
 
 
 def test_convert_reference_blocks_and_nested_containers():
-    model = nn.Sequential(resfuse.reference.BasicBlock(4, 4), nn.Sequential(tv.BasicBlock(4, 4)))
+    model = nn.Sequential(EagerBasicBlock(4, 4), nn.Sequential(tv.BasicBlock(4, 4)))
     resfuse.convert(model)
     assert type(model[0]) is resfuse.BasicBlock and type(model[1][0]) is resfuse.BasicBlock
     resfuse.revert(model)
-    assert type(model[0]) is resfuse.reference.BasicBlock and type(model[1][0]) is tv.BasicBlock
+    assert type(model[0]) is EagerBasicBlock and type(model[1][0]) is tv.BasicBlock
 
 
 def _models():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._prims_common import suggest_memory_format
 
-from resfuse.reference import memory_format_of
+from resfuse.layout import memory_format_of
 
 
 def _tensors():

@@ -20,13 +20,13 @@ pytest.importorskip("triton")
 
 from resfuse.triton_kernels import conv_bn_act as conv_mod  # noqa: E402
 from resfuse.triton_kernels.conv_bn_act import conv_bn_act_fwd, pack_weight  # noqa: E402
+from resfuse.triton_kernels import INTERPRETING as INTERPRET  # noqa: E402
 from torch._prims_common import suggest_memory_format  # noqa: E402
 
 from resfuse.reference import conv_bn_act_ref  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 
@@ -187,14 +187,13 @@ def test_fp64(case):
     assert rel_err(out, ref64(x, wt, b, r, stride, padding, dilation, groups, True)) <= 1e-12
 
 
-def test_packed_weight_reuse():
+def test_weight_in_gemm_layout_is_packed_without_a_copy():
     x, wt, b, r = make_problem(2, 8, 6, 5, 12, 3, 2, 1, 1, 1, torch.float32, layout="channels_last")
     plain = conv_bn_act_fwd(x, wt, b, r, 1, 1, 1, 2, True)
-    packed = pack_weight(wt)
-    assert tuple(packed.shape) == (3 * 3 * 4, 12) and packed.is_contiguous()
-    assert torch.equal(conv_bn_act_fwd(x, wt, b, r, 1, 1, 1, 2, True, packed_weight=packed), plain)
-    with pytest.raises(RuntimeError, match="packed_weight"):
-        conv_bn_act_fwd(x, wt, b, r, 1, 1, 1, 2, True, packed_weight=packed.t())
+    stored = wt.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)  # resfuse/nn/fold.py gemm_layout
+    packed = pack_weight(stored)
+    assert tuple(packed.shape) == (3 * 3 * 4, 12) and packed.data_ptr() == stored.data_ptr()
+    assert torch.equal(conv_bn_act_fwd(x, stored, b, r, 1, 1, 1, 2, True), plain)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -231,7 +230,7 @@ def test_dot_precision(monkeypatch):
     # Under the interpreter always IEEE; otherwise TF32 for fp32 exactly when torch allows it for convs.
     if INTERPRET:
         assert conv_mod._dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(conv_mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(conv_mod, "INTERPRETING", False)
     with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=True):
         assert conv_mod._dot_precision(torch.float32) == "tf32"
         assert conv_mod._dot_precision(torch.float16) == "ieee"

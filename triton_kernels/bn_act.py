@@ -27,12 +27,11 @@ through sums shifted by its first tile's mean; the program of each channel block
 arrival counter, `_is_last`) merges that block's partials in a fixed order, writes mean / invstd and updates the
 running statistics.  `_bn_act_fwd_kernel` then writes the output in one pass: two launches per forward.
 The backward reduces sum(g) and sum(g * (x - mean)) the same way, and `_bn_act_bwd_dx_kernel` writes
-grad_input and grad_residual in one pass: two launches per backward.  The reduction / apply kernels also serve
-the conv epilogue (bias_act.py) through their constexpr flags.  The reductions and the elementwise kernels
-tile differently (`reduction_config`, `launch_config`).
+grad_input and grad_residual in one pass: two launches per backward.  The gradient kernels also serve the conv
+epilogue's backward (conv_epilogue.py) through their constexpr flags.  The reductions and the elementwise
+kernels tile differently (`reduction_config`, `launch_config`).
 """
 import functools
-import os
 import struct
 from typing import NamedTuple, Optional
 
@@ -42,15 +41,14 @@ import triton.language as tl
 
 # The layout rule every resfuse op writes its output in (torch's suggest_memory_format, with a fast path for
 # dense 4-D tensors: each launch here asks it once or more).
-from ..reference import memory_format_of as suggest_memory_format
+from ..layout import memory_format_of as suggest_memory_format
+from ._interpret import INTERPRETING
 
 # --------------------------------------------------------------------------------------------------------------
 # Launch configuration: every block-size / grid decision lives here.
 # --------------------------------------------------------------------------------------------------------------
 
 
-# Read once: triton decides whether kernels are interpreted when it decorates them, i.e. when this module loads.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _np2(v: int) -> int:
@@ -104,8 +102,8 @@ def reduction_config(outer: int, C: int, inner: int, device: torch.device) -> La
 @functools.lru_cache(maxsize=1024)
 def _configs(outer: int, C: int, inner: int, device: torch.device) -> tuple[LaunchConfig, LaunchConfig]:
     """(elementwise, reduction) configurations of one [outer, C, inner] shape."""
-    return (_launch_config(outer, C, inner, device, _INTERPRETING, False),
-            _launch_config(outer, C, inner, device, _INTERPRETING, True))
+    return (_launch_config(outer, C, inner, device, INTERPRETING, False),
+            _launch_config(outer, C, inner, device, INTERPRETING, True))
 
 
 def _launch_config(outer: int, C: int, inner: int, device: torch.device, interp: bool,
@@ -308,10 +306,9 @@ def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, n_total, C, cols, cmask, eps
 @triton.jit
 def _bn_act_fwd_kernel(x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_ptr,
                        C, inner, n_rows, n_itiles,
-                       HAS_NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
                        RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # HAS_NORM=False turns this into the conv epilogue act(x + b + residual).
     c0 = tl.program_id(1) * BLOCK_C
     offs, mask, cnt = _tile_offsets(tl.program_id(0), c0, C, inner, n_rows, n_itiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
     cols = c0 + tl.arange(0, BLOCK_C)
@@ -324,11 +321,10 @@ def _bn_act_fwd_kernel(x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_p
         shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
     else:
         shift = tl.zeros([BLOCK_C], dtype=ACC)
-    if HAS_NORM:
-        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        scale = scale * invstd
-        shift = shift - mean * scale
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    scale = scale * invstd
+    shift = shift - mean * scale
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = x * scale[None, :] + shift[None, :]
     if HAS_RES:
@@ -484,7 +480,7 @@ def _check_activation(name: str, t: torch.Tensor) -> None:
         raise RuntimeError(f"resfuse triton: {name} must have at least 2 dims (N, C, ...), got {t.dim()}")
     if t.dtype not in _SUPPORTED:
         raise RuntimeError(f"resfuse triton: unsupported dtype {t.dtype} for {name}; expected one of {_SUPPORTED}")
-    if t.device.type == "cpu" and not _INTERPRETING:
+    if t.device.type == "cpu" and not INTERPRETING:
         raise RuntimeError("resfuse triton: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before "
                            "importing resfuse.triton_kernels)")
 
@@ -547,17 +543,15 @@ def _column_counters(n: int, device: torch.device) -> torch.Tensor:
     return counters
 
 
-def _apply(xc, out, lay, cfg, acc_tl, *, mean=None, invstd=None, weight=None, bias=None, residual=None,
-           relu=False):
-    """Elementwise pass out = act(x * scale + shift + residual); shared with the conv epilogue."""
+def _apply(xc, out, lay, cfg, acc_tl, *, mean, invstd, weight=None, bias=None, residual=None, relu=False):
+    """Elementwise pass out = act(x * scale + shift + residual)."""
     grid = (cfg.n_tiles, cfg.c_blocks)
     _bn_act_fwd_kernel[grid](
-        xc, out,
-        mean if mean is not None else xc, invstd if invstd is not None else xc,
+        xc, out, mean, invstd,
         weight if weight is not None else xc, bias if bias is not None else xc,
         residual if residual is not None else xc,
         lay.C, lay.inner, lay.outer * lay.inner, cfg.n_itiles,
-        HAS_NORM=mean is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_RES=residual is not None, RELU=bool(relu), CHANNELS_LAST=cfg.channels_last, ACC=acc_tl,
         BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps)
 

@@ -15,7 +15,7 @@ Layouts:
   * input: NHWC, i.e. a channels_last tensor; NCHW input is copied to channels_last by the launcher, because
     the gather wants each pixel's channels contiguous (a K block of one tap is one contiguous run per row).
   * weight: K-major [KH*KW*Cg, C_out] with row k = (kh*KW + kw)*Cg + ci and C_out contiguous (`pack_weight`,
-    one small copy per call; pass `packed_weight=` to reuse a cached one).  C_out-contiguous rows make every B
+    one small copy per call, none for a weight already stored that way).  C_out-contiguous rows make every B
     tile BLOCK_K contiguous runs of BLOCK_N elements whatever Cg is (a [C_out, KH, KW, Cg] layout would give
     runs of Cg elements: 8 bytes for ResNeXt's 4 channels per group), and the flat-K mode below reads rows
     k0..k0+BLOCK_K of that matrix with no index arithmetic at all.
@@ -48,22 +48,18 @@ which the launcher checks.
 """
 import contextlib
 import inspect
-import os
 from typing import Optional, Sequence, Union
 
 import torch
 import triton
 import triton.language as tl
 
+from ._interpret import INTERPRETING
 from .bn_act import _check_activation, suggest_memory_format
 
 # --------------------------------------------------------------------------------------------------------------
 # Launch configuration: every tile / warp / stage choice lives here.
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _cfg(bm, bn, bk, warps, stages):
@@ -102,7 +98,7 @@ _DOT_HAS_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parame
 
 
 def _configs(fp64: bool):
-    if _interpreting():
+    if INTERPRETING:
         return _INTERP_CONFIGS
     return _GPU_CONFIGS_FP64 if fp64 else _GPU_CONFIGS
 
@@ -289,7 +285,7 @@ def _cudnn_conv_allows_tf32() -> bool:
 def _dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: TF32 only for fp32 when torch allows it for convs, never under the interpreter
     (whose numpy dot would not round to TF32 anyway, and tests expect IEEE results)."""
-    if dtype == torch.float32 and not _interpreting() and _cudnn_conv_allows_tf32():
+    if dtype == torch.float32 and not INTERPRETING and _cudnn_conv_allows_tf32():
         return "tf32"
     return "ieee"
 
@@ -301,13 +297,14 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def conv_bn_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    residual: Optional[torch.Tensor], stride, padding, dilation, groups: int, relu: bool,
-                    *, packed_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    residual: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                    relu: bool) -> torch.Tensor:
     """act(conv2d(x, weight, None, stride, padding, dilation, groups) + bias[c] + residual), in one kernel.
 
     x: [N, C_in, H, W] in any layout (copied to channels_last unless it already is); weight: [C_out, C_in/groups,
     KH, KW] of x's dtype; bias: C_out values or None; residual: the output's shape or None.  Returns a tensor of
-    x's dtype, contiguous in x's suggested memory format.  packed_weight: pack_weight(weight), if cached.
+    x's dtype, contiguous in x's suggested memory format.  A weight stored in the kernel's layout (resfuse/nn/fold.py
+    ``gemm_layout``) is packed without a copy.
     """
     _check_activation("input", x)
     if x.dim() != 4:
@@ -354,14 +351,7 @@ def conv_bn_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if out.numel() == 0:
         return out
 
-    if packed_weight is None:
-        w = pack_weight(weight)
-    else:
-        w = packed_weight
-        if (tuple(w.shape) != (KH * KW * Cg, C_out) or not w.is_contiguous() or w.dtype != x.dtype
-                or w.device != x.device):
-            raise RuntimeError(f"resfuse triton conv: packed_weight must be pack_weight(weight): contiguous "
-                               f"[{KH * KW * Cg}, {C_out}] {x.dtype} on {x.device}, got {list(w.shape)} {w.dtype}")
+    w = pack_weight(weight)
     # Pixel indices and offsets inside one image are int32 in the kernel; only image bases are int64.
     if N * OH * OW > _INT32_MAX or H * W * C_in > _INT32_MAX or OH * OW * C_out > _INT32_MAX:
         raise RuntimeError(f"resfuse triton conv: problem too large for int32 pixel indexing (N*OH*OW = "

@@ -8,7 +8,7 @@ Benches (the ``bench`` field of a record):
   ``nn.Conv2d``, ``nn.BatchNorm2d``, add, ReLU; ``resfuse_*`` and ``cudnn_fused`` run the conv with BN folded into
   its weight and bias (the fold is done once, outside the timed region, as resfuse's modules cache it).
 - ``bn_act`` (train): training-mode BN + residual + ReLU, forward and backward.
-- ``basicblock``, ``bottleneck``: one block (``resfuse.reference`` blocks, torchvision's), eval and train.
+- ``basicblock``, ``bottleneck``: one block (``resfuse.nn.eager_blocks``, torchvision's), eval and train.
 - ``model:<name>``: a whole torchvision ResNet: eval is one no-grad forward, train one step (forward,
   cross-entropy, backward, SGD step).
 
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import reference
+from ..layout import memory_format_of
+from ..nn.eager_blocks import EagerBasicBlock, EagerBottleneck, conv1x1
 from ..ops import autoselect as _autoselect
 from ..ops import backend as _backend
 from . import counting
@@ -116,7 +118,7 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     weight, bias = reference.fold_bn_ref(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
                                          bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var,
                                          bn.eps)
-    return weight.contiguous(memory_format=reference.memory_format_of(conv.weight)), bias
+    return weight.contiguous(memory_format=memory_format_of(conv.weight)), bias
 
 
 class _CudnnConv:
@@ -294,10 +296,10 @@ def _calibrate_bn(module: nn.Module, inputs: tuple, seed: int = 1) -> None:
 
 
 def _block_module(shape: BlockShape) -> nn.Module:
-    cls = reference.BasicBlock if shape.block == "basicblock" else reference.Bottleneck
+    cls = EagerBasicBlock if shape.block == "basicblock" else EagerBottleneck
     downsample = None
     if shape.downsample:
-        downsample = nn.Sequential(reference.conv1x1(shape.inplanes, shape.out_channels, shape.stride),
+        downsample = nn.Sequential(conv1x1(shape.inplanes, shape.out_channels, shape.stride),
                                    nn.BatchNorm2d(shape.out_channels))
     return cls(shape.inplanes, shape.planes, shape.stride, downsample)
 

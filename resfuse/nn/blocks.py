@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-from .. import reference
-from .functional import check_block_input, fused_conv_bn_act, resolve_route
+from .eager_blocks import EagerBasicBlock, EagerBottleneck
+from .routing import check_block_input, resolve_route, run_modules
 
 
 def _shortcut(block: nn.Module, x: Tensor, route: tuple[str, str]) -> Tensor:
@@ -19,7 +19,7 @@ def _shortcut(block: nn.Module, x: Tensor, route: tuple[str, str]) -> Tensor:
         return x
     if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(downsample[0], nn.Conv2d):
         check_block_input(x, downsample[0])
-        return fused_conv_bn_act(x, downsample[0], downsample[1], None, False, route)
+        return run_modules(x, downsample[0], downsample[1], None, False, route)
     return downsample(x)
 
 
@@ -33,7 +33,7 @@ def _block_route(block: nn.Module, x: Tensor) -> Optional[tuple[str, str]]:
     return None if route[1] == "reference" else route
 
 
-class BasicBlock(reference.BasicBlock):
+class BasicBlock(EagerBasicBlock):
     """torchvision.models.resnet.BasicBlock with fused conv-BN-ReLU and conv-BN-add-ReLU."""
 
     def __init__(
@@ -57,11 +57,11 @@ class BasicBlock(reference.BasicBlock):
         if route is None:
             return super().forward(x)
         identity = _shortcut(self, x, route)
-        out = fused_conv_bn_act(x, self.conv1, self.bn1, None, True, route)
-        return fused_conv_bn_act(out, self.conv2, self.bn2, identity, True, route)
+        out = run_modules(x, self.conv1, self.bn1, None, True, route)
+        return run_modules(out, self.conv2, self.bn2, identity, True, route)
 
 
-class Bottleneck(reference.Bottleneck):
+class Bottleneck(EagerBottleneck):
     """torchvision.models.resnet.Bottleneck (v1.5, groups and dilation included) with fused stages."""
 
     def __init__(
@@ -85,6 +85,6 @@ class Bottleneck(reference.Bottleneck):
         if route is None:
             return super().forward(x)
         identity = _shortcut(self, x, route)
-        out = fused_conv_bn_act(x, self.conv1, self.bn1, None, True, route)
-        out = fused_conv_bn_act(out, self.conv2, self.bn2, None, True, route)
-        return fused_conv_bn_act(out, self.conv3, self.bn3, identity, True, route)
+        out = run_modules(x, self.conv1, self.bn1, None, True, route)
+        out = run_modules(out, self.conv2, self.bn2, None, True, route)
+        return run_modules(out, self.conv3, self.bn3, identity, True, route)

@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .functional import conv_bn_act
+from .routing import modules_conv_bn_act
 
 
 class ConvBNReLU(nn.Module):
@@ -44,7 +44,7 @@ class ConvBNReLU(nn.Module):
         return module
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return conv_bn_act(x, self.conv, self.bn, residual=residual, relu=self.relu, backend=self.backend)
+        return modules_conv_bn_act(x, self.conv, self.bn, residual=residual, relu=self.relu, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

@@ -10,9 +10,9 @@ from typing import Optional
 
 from torch import nn
 
-from .. import reference
 from ..ops.backend import requested_backend
 from .blocks import BasicBlock, Bottleneck
+from .eager_blocks import EagerBasicBlock, EagerBottleneck
 from .stem import SOURCE_ATTR, fuse_stem, unfuse_stem
 
 _FUSED = (BasicBlock, Bottleneck)
@@ -22,9 +22,9 @@ def _fused_class(module: nn.Module) -> Optional[type]:
     cls = type(module)
     if cls in _FUSED:
         return None
-    if cls is reference.BasicBlock:
+    if cls is EagerBasicBlock:
         return BasicBlock
-    if cls is reference.Bottleneck:
+    if cls is EagerBottleneck:
         return Bottleneck
     if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in ("BasicBlock", "Bottleneck"):
         return BasicBlock if cls.__name__ == "BasicBlock" else Bottleneck
@@ -83,7 +83,7 @@ def _default_source(cls: type) -> type:
     try:
         from torchvision.models import resnet
     except ImportError:
-        resnet = reference
+        return EagerBasicBlock if cls is BasicBlock else EagerBottleneck
     return resnet.BasicBlock if cls is BasicBlock else resnet.Bottleneck
 
 

@@ -31,9 +31,9 @@ class FusedStemConv(nn.Conv2d):
     """conv1 of a converted ResNet: computes relu(bn1(conv1(x))) as one fused op."""
 
     def forward(self, x: Tensor) -> Tensor:
-        from .functional import conv_bn_act
+        from .routing import modules_conv_bn_act
 
-        return conv_bn_act(x, self, self.__dict__[_STEM_BN_ATTR], relu=True, backend=self.__dict__.get("backend"))
+        return modules_conv_bn_act(x, self, self.__dict__[_STEM_BN_ATTR], relu=True, backend=self.__dict__.get("backend"))
 
 
 class FusedAwayBatchNorm2d(nn.BatchNorm2d):

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..reference import memory_format_of, stats_dtype
+from ..layout import memory_format_of, stats_dtype
 
 
 def grad_needed(*values) -> bool:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from ..reference import bn_act_ref, memory_format_of
+from ..layout import memory_format_of
+from ..reference import bn_act_ref
 from . import _autograd, autoselect
 from ._checks import check_activation, check_channel_vector, check_like
 from .backend import requested_backend, resolve_backend, unavailable_reason

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from ..reference import conv_bn_act_ref, memory_format_of
+from ..layout import memory_format_of
+from ..reference import conv_bn_act_ref
 from . import _autograd, autoselect, cudnn_fused
 from ._autograd import grad_needed
 from ._checks import check_activation, check_channel_vector, check_matches

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..reference import memory_format_of
+from ..layout import memory_format_of
 from ._autograd import grad_needed
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

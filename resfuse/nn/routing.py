@@ -1,4 +1,4 @@
-"""conv -> BatchNorm -> (+ residual) -> (ReLU) on real modules, with nn.BatchNorm2d's exact semantics.
+"""How conv -> BatchNorm -> (+ residual) -> (ReLU) over a model's own modules runs: fused ops, or the modules.
 
 Training mode (or a BN without running statistics) runs ATen's conv then the fused ``bn_act`` op with batch
 statistics and the running-stat update; eval mode runs ``conv_bn_act`` with the BN folded into the conv.
@@ -18,7 +18,7 @@ from ..ops._autograd import conv_output_shape
 from ..ops._checks import check_activation, check_matches
 from ..ops.bn_act import run_bn_act
 from ..ops.conv_bn_act import run_conv_bn_act
-from ..reference import memory_format_of
+from ..layout import memory_format_of
 from .fold import folded_weight_bias
 from .stem import plain_forward, plain_type
 
@@ -89,17 +89,12 @@ def reference_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, residual: O
     return torch.relu(out) if relu else out
 
 
-def conv_bn_act(
-    x: Tensor,
-    conv: nn.Conv2d,
-    bn: nn.Module,
-    residual: Optional[Tensor] = None,
-    relu: bool = True,
-    backend: Optional[str] = None,
-) -> Tensor:
-    """``act(bn(conv(x)) + residual)`` with fused kernels; ``backend`` as in ``resfuse.ops``."""
+def modules_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor] = None,
+                        relu: bool = True, backend: Optional[str] = None) -> Tensor:
+    """``act(bn(conv(x)) + residual)`` over the modules ``conv`` and ``bn``, fused where it can be;
+    ``backend`` as in ``resfuse.ops``. Checks the input; blocks check once and call ``run_modules`` per conv."""
     check_block_input(x, conv)
-    return fused_conv_bn_act(x, conv, bn, residual, relu, resolve_route(x, backend))
+    return run_modules(x, conv, bn, residual, relu, resolve_route(x, backend))
 
 
 def resolve_route(x: Tensor, backend: Optional[str]) -> tuple[str, str]:
@@ -109,8 +104,8 @@ def resolve_route(x: Tensor, backend: Optional[str]) -> tuple[str, str]:
     return requested, ops.resolve_backend(requested, x.device)
 
 
-def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
-                      route: tuple[str, str]) -> Tensor:
+def run_modules(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
+                route: tuple[str, str]) -> Tensor:
     """``conv_bn_act`` for an input already checked against ``conv`` (check_block_input) and a route from
     ``resolve_route``. Blocks call this for each of their convs, so the input check and the backend lookup are
     made once per block: at N=128 a block's step is bound by host time, and this is part of it."""
