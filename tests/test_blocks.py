@@ -195,7 +195,7 @@ def test_non_batchnorm_norm_layer_warns_once_and_matches(backend):
     ours.load_state_dict(ref.state_dict())
     x = make_input((2, 4, 5, 5), "contiguous")
     resfuse.nn.routing._warned.clear()
-    with pytest.warns(UserWarning, match="no fused kernel for norm layer GroupNorm"):
+    with pytest.warns(UserWarning, match="runs its modules unfused .bn1: norm layer GroupNorm"):
         out = ours(x)
     assert torch.equal(out, ref(x))
     import warnings

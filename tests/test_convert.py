@@ -181,16 +181,17 @@ def test_whole_model_train_step_float32(backend, arch, size):
 
 @pytest.mark.parametrize("backend", MODEL_BACKENDS)
 def test_stem_is_fused_with_state_dict_unchanged(backend):
+    """The ResNet itself is re-classed (its stem runs fused); conv1, bn1 and relu keep their classes."""
     import io
 
-    from resfuse.nn.stem import FusedAwayBatchNorm2d, FusedAwayReLU, FusedStemConv
+    from resfuse.nn.fused_resnet import TorchvisionResNet
 
     torch.manual_seed(0)
     ref = randomize_bn_(torchvision.models.resnet18(num_classes=10)).double()
     keys = list(ref.state_dict())
     ours = resfuse.convert(copy.deepcopy(ref), backend=backend)
-    assert type(ours.conv1) is FusedStemConv and type(ours.bn1) is FusedAwayBatchNorm2d
-    assert type(ours.relu) is FusedAwayReLU and isinstance(ours.bn1, nn.BatchNorm2d)
+    assert type(ours) is TorchvisionResNet and isinstance(ours, torchvision.models.ResNet)
+    assert type(ours.conv1) is nn.Conv2d and type(ours.bn1) is nn.BatchNorm2d and type(ours.relu) is nn.ReLU
     assert list(ours.state_dict()) == keys
     x = randn(2, 3, 32, 32, dtype=torch.float64)
     for train in (False, True):
@@ -199,21 +200,21 @@ def test_stem_is_fused_with_state_dict_unchanged(backend):
             assert rel_err(ours(x), ref(x)) < 1e-10, train
     assert rel_err(ours.bn1.running_var, ref.bn1.running_var) < 1e-12
     assert ours.bn1.num_batches_tracked.item() == 1
-    # a whole-model pickle (torch.save(model)) round-trips the fused classes
+    # a whole-model pickle (torch.save(model)) round-trips the fused class
     buffer = io.BytesIO()
     torch.save(ours, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is TorchvisionResNet
     with torch.no_grad():
         assert rel_err(loaded.eval()(x), ref.eval()(x)) < 1e-10
     state = copy.deepcopy(ours.state_dict())
     resfuse.revert(ours)
-    assert type(ours.conv1) is nn.Conv2d and type(ours.bn1) is nn.BatchNorm2d and type(ours.relu) is nn.ReLU
-    assert "_resfuse_stem_bn" not in ours.conv1.__dict__
+    assert type(ours) is torchvision.models.ResNet and "_resfuse_backend" not in ours.__dict__
     for key, value in state.items():
         assert torch.equal(ours.state_dict()[key], value), key
 
 
 def test_stem_fusion_can_be_turned_off():
     model = resfuse.convert(torchvision.models.resnet18(), stem=False)
-    assert type(model.conv1) is nn.Conv2d
+    assert type(model) is torchvision.models.ResNet

@@ -1,7 +1,6 @@
 """Drop-in modules and model conversion."""
 from .blocks import BasicBlock, Bottleneck
 from .conv_bn_relu import ConvBNReLU
-from .convert import convert, revert
-from .fold import clear_fold_cache
+from .convert import ConversionWarning, convert, revert
 
-__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "convert", "revert", "clear_fold_cache"]
+__all__ = ["BasicBlock", "Bottleneck", "ConvBNReLU", "ConversionWarning", "convert", "revert"]

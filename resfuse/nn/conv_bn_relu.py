@@ -3,9 +3,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from .routing import modules_conv_bn_act
+from .routing import (
+    check_block_input,
+    fused_conv_bn_act,
+    modules_reason,
+    resolve_route,
+    run_forward_pre_hooks,
+    traced_by_fx,
+    warn_module_path_once,
+)
 
 
 class ConvBNReLU(nn.Module):
@@ -44,7 +53,20 @@ class ConvBNReLU(nn.Module):
         return module
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return modules_conv_bn_act(x, self.conv, self.bn, residual=residual, relu=self.relu, backend=self.backend)
+        conv, bn = self.conv, self.bn
+        if not traced_by_fx(self):
+            check_block_input(x, conv)
+            route = resolve_route(x, self.backend)
+            if route[1] != "reference":
+                reason = modules_reason((("conv", conv),), (("bn", bn),))
+                if reason is None:
+                    return fused_conv_bn_act(run_forward_pre_hooks(conv, x), conv, bn, residual, self.relu,
+                                             route)
+                warn_module_path_once(self, reason)
+        out = bn(conv(x))
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if self.relu else out
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend!r}"

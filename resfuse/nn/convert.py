@@ -1,11 +1,18 @@
-"""convert(): swap torchvision ResNet blocks for resfuse's in place; revert(): swap them back.
+"""convert(): re-class torchvision's ResNet blocks (and ResNets' stems) to resfuse's in place; revert(): back.
 
-A block is re-classed, not rebuilt: the new block takes over the old one's submodules, parameters, buffers,
-hooks and training flag, so device, dtype, memory format, state_dict and even an optimizer's references to
-the parameters all stay valid.
+Re-classing in place keeps everything a module has: submodules, parameters, buffers, hooks, the training flag,
+device, dtype and memory format, so the state_dict, an optimizer's references to the parameters and every
+outside reference to a module stay valid. The class a module had is kept in its ``__dict__`` for revert().
+
+A block is recognised by its class: torchvision's BasicBlock / Bottleneck (by module and name, so torchvision
+is never imported here), resfuse's eager copies of them, and subclasses of either whose ``forward`` is the
+parent's. A subclass with its own forward computes something resfuse does not know: it is left as it is, and
+the report says so. ``convert()`` ends with one ``ConversionWarning`` saying what it fused and what it left.
 """
 from __future__ import annotations
 
+import collections
+import warnings
 from typing import Optional
 
 from torch import nn
@@ -13,92 +20,110 @@ from torch import nn
 from ..ops.backend import requested_backend
 from .blocks import BasicBlock, Bottleneck
 from .eager_blocks import EagerBasicBlock, EagerBottleneck
-from .stem import SOURCE_ATTR, fuse_stem, unfuse_stem
+from .fused_resnet import BACKEND_ATTR, fused_model_class, is_fused_model
 
-_FUSED = (BasicBlock, Bottleneck)
+SOURCE_ATTR = "_resfuse_source_class"
+_FUSED_BLOCKS = {BasicBlock: EagerBasicBlock, Bottleneck: EagerBottleneck}  # fused class -> its eager twin
 
 
-def _fused_class(module: nn.Module) -> Optional[type]:
-    cls = type(module)
-    if cls in _FUSED:
-        return None
-    if cls is EagerBasicBlock:
-        return BasicBlock
-    if cls is EagerBottleneck:
-        return Bottleneck
-    if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in ("BasicBlock", "Bottleneck"):
-        return BasicBlock if cls.__name__ == "BasicBlock" else Bottleneck
+class ConversionWarning(UserWarning):
+    """What ``resfuse.convert()`` fused and what it left as it was (one per call)."""
+
+
+def _known_block(cls: type) -> Optional[tuple[type, type]]:
+    """(the known block class ``cls`` is or derives from, the fused class for it), or None."""
+    for base in cls.__mro__:
+        if base is EagerBasicBlock or base is EagerBottleneck:
+            return base, BasicBlock if base is EagerBasicBlock else Bottleneck
+        if base.__module__ == "torchvision.models.resnet" and base.__name__ in ("BasicBlock", "Bottleneck"):
+            return base, BasicBlock if base.__name__ == "BasicBlock" else Bottleneck
     return None
 
 
-def _reclass(module: nn.Module, cls: type) -> nn.Module:
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    return new
+def _reclass(module: nn.Module, cls: type) -> None:
+    module.__dict__[SOURCE_ATTR] = type(module)
+    module.__class__ = cls
 
 
-def _swap_children(module: nn.Module, swap) -> None:
-    for name, child in list(module.named_children()):
-        new = swap(child)
-        if new is child:
-            _swap_children(child, swap)
-        else:
-            setattr(module, name, new)
+class _Report:
+    def __init__(self) -> None:
+        self.fused: collections.Counter = collections.Counter()
+        self.left: collections.Counter = collections.Counter()
+        self.stems = 0
+
+    def text(self, model: nn.Module) -> str:
+        blocks = sum(self.fused.values())
+        parts = [f"{blocks} block{'s' if blocks != 1 else ''} fused"]
+        if blocks:
+            parts[0] += " (" + ", ".join(f"{n} {name}" for name, n in sorted(self.fused.items())) + ")"
+        if self.stems:
+            parts.append(f"{self.stems} ResNet stem{'s' if self.stems != 1 else ''} fused")
+        text = "resfuse.convert: " + ", ".join(parts)
+        if self.left:
+            total = sum(self.left.values())
+            text += f"; {total} left as {'they are' if total != 1 else 'it is'}: " + "; ".join(
+                f"{n} x {what}" for what, n in sorted(self.left.items()))
+        if not blocks and not self.left:
+            text += f": no ResNet block found in {type(model).__name__}"
+        return text
 
 
-def _apply(model: nn.Module, swap) -> nn.Module:
-    new = swap(model)
-    if new is not model:
-        return new
-    _swap_children(model, swap)
-    return model
-
-
-def convert(model: nn.Module, backend: Optional[str] = None, stem: bool = True) -> nn.Module:
-    """Replace every torchvision BasicBlock/Bottleneck in ``model`` by resfuse's; returns the model (or the
-    new block when ``model`` itself is one). ``backend`` is stored on each block (None: RESFUSE_BACKEND/auto).
-    ``stem``: also fuse the conv1 -> bn1 -> relu stem of every torchvision ResNet in ``model`` (resfuse/nn/stem.py)."""
+def convert(model: nn.Module, backend: Optional[str] = None, stem: bool = True, strict: bool = False) -> nn.Module:
+    """Re-class every torchvision BasicBlock/Bottleneck in ``model`` (``model`` itself included) to resfuse's, in
+    place, and return ``model``. ``backend`` is stored on each block (None: RESFUSE_BACKEND, else auto).
+    ``stem``: also fuse the conv1 -> bn1 -> relu stem of every torchvision ResNet in ``model``. ``strict``: raise
+    if a ResNet block is left unfused (a subclass with its own forward). Warns once, with what it did."""
     if backend is not None:
         requested_backend(backend)
-
-    def swap(module: nn.Module) -> nn.Module:
-        cls = _fused_class(module)
-        if cls is None:
-            if type(module) in _FUSED and backend is not None:
+    report = _Report()
+    for module in list(model.modules()):
+        cls = type(module)
+        if cls in _FUSED_BLOCKS:
+            if backend is not None:
                 module.backend = backend
-            return module
-        new = _reclass(module, cls)
-        new.__dict__[SOURCE_ATTR] = type(module)
-        new.__dict__["backend"] = backend
-        return new
-
-    model = _apply(model, swap)
-    if stem:
-        for module in model.modules():
-            fuse_stem(module, backend)
+            report.fused[cls.__name__] += 1
+            continue
+        if stem and (is_fused_model(module) or fused_model_class(cls) is not None):
+            if not is_fused_model(module):
+                _reclass(module, fused_model_class(cls))
+            if backend is not None or BACKEND_ATTR not in module.__dict__:
+                module.__dict__[BACKEND_ATTR] = backend
+            report.stems += 1
+            continue
+        known = _known_block(cls)
+        if known is None:
+            continue
+        source, fused = known
+        if cls is not source and cls.forward is not source.forward:
+            report.left[f"{cls.__name__} (a subclass of {source.__name__} with its own forward)"] += 1
+            continue
+        _reclass(module, fused)
+        module.__dict__["backend"] = backend
+        report.fused[fused.__name__] += 1
+    text = report.text(model)
+    if strict and report.left:
+        raise RuntimeError(text + " (convert(strict=True))")
+    warnings.warn(text, ConversionWarning, stacklevel=2)
     return model
-
-
-def _default_source(cls: type) -> type:
-    try:
-        from torchvision.models import resnet
-    except ImportError:
-        return EagerBasicBlock if cls is BasicBlock else EagerBottleneck
-    return resnet.BasicBlock if cls is BasicBlock else resnet.Bottleneck
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Give back plain torchvision blocks (the class each block was converted from) with the same state."""
+    """Give back the classes every converted module had (a plain torchvision model), with the same state."""
+    for module in list(model.modules()):
+        cls = type(module)
+        if cls in _FUSED_BLOCKS or is_fused_model(module):
+            source = module.__dict__.pop(SOURCE_ATTR, None)
+            if source is None:  # built as resfuse's block, not converted: its eager twin
+                source = _torchvision_twin(cls) if cls in _FUSED_BLOCKS else None
+            module.__dict__.pop("backend" if cls in _FUSED_BLOCKS else BACKEND_ATTR, None)
+            if source is not None:
+                module.__class__ = source
+    return model
 
-    def swap(module: nn.Module) -> nn.Module:
-        if type(module) not in _FUSED:
-            return module
-        source = module.__dict__.get(SOURCE_ATTR) or _default_source(type(module))
-        new = _reclass(module, source)
-        new.__dict__.pop(SOURCE_ATTR, None)
-        new.__dict__.pop("backend", None)
-        return new
 
-    for module in model.modules():
-        unfuse_stem(module)
-    return _apply(model, swap)
+def _torchvision_twin(cls: type) -> type:
+    try:
+        from torchvision.models import resnet
+    except ImportError:
+        return _FUSED_BLOCKS[cls]
+    return resnet.BasicBlock if cls is BasicBlock else resnet.Bottleneck

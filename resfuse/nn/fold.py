@@ -1,29 +1,20 @@
 """Eval-mode BN folded into the preceding conv: W' = W * gamma/sqrt(var+eps), b' = beta + (b - mean) * ....
 
-The folded tensors are cached per BN module and keyed on every tensor they were made from: its version
-counter (any in-place change: optimizer steps, load_state_dict, fill_), storage and dtype/device (``.to()``).
-A stale fold is therefore never returned. No cache is used while autograd must see the fold (a parameter
-requires grad), nor under torch.compile, where the fold is traced (and constant-folded by freezing).
+The fold is made again on every call, from the tensors the modules hold at that moment: a cached fold can be
+made stale by writes no version counter sees (``p.data.mul_()`` in EMA code, running statistics moved under
+``torch.inference_mode``), and a drop-in must never return a stale answer. What it costs is kept small
+instead: the no-grad path computes it in one launch (``resfuse.ops.fold_bn``), and on CPU the eval path needs
+no fold at all (routing.py: ATen's conv on the raw weight, then ``bn_eval_act``).
+
+``fold_bn_differentiable`` is the fold in torch ops: autograd sees it (eval-mode training of the conv, e.g.
+detection backbones with frozen BN) and torch.compile traces it (freezing constant-folds it).
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
-
-from ..ops._autograd import grad_needed
-from ..reference import fold_bn_ref
-
-_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _fold(conv: nn.Conv2d, bn: nn.Module, dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
-    weight, bias = fold_bn_ref(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-    if dtype is not None:  # autocast: the fold is made in fp32, then rounded once to the autocast dtype
-        weight, bias = weight.to(dtype), bias.to(dtype)
-    return weight, bias
 
 
 def gemm_layout(weight: Tensor) -> Tensor:
@@ -32,37 +23,21 @@ def gemm_layout(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-def folded_weight_bias(conv: nn.Conv2d, bn: nn.Module, for_gemm: bool = False,
-                       dtype: Optional[torch.dtype] = None,
-                       memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
-    """(W', b') such that conv(x, W') + b' == bn(conv(x)) with bn's running statistics.
+def fold_bn_differentiable(conv: nn.Conv2d, bn: nn.Module, dtype: Optional[torch.dtype] = None
+                           ) -> tuple[Tensor, Tensor]:
+    """(W', b') with conv(x, W') + b' == bn(conv(x)) under bn's running statistics, in torch ops.
 
-    ``for_gemm``: store W' in ``gemm_layout`` (for the Triton conv kernel), else in ``memory_format`` (the
-    input's: cuDNN takes its layout from both operands, and a weight in another one is copied on every call);
-    ``dtype``: cast W' and b' to it (autocast). All are cached, so they are paid once per weight update, not per
-    forward."""
-    sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if torch.compiler.is_compiling():
-        return _fold(conv, bn, dtype)
-    if grad_needed(*sources):
-        return _fold(conv, bn, dtype)
-    try:
-        # One comprehension, no call per tensor: this key is rebuilt on every eval forward.
-        key = (id(conv), float(bn.eps), torch.is_inference_mode_enabled(), for_gemm, dtype, memory_format,
-               [None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in sources])
-    except RuntimeError:  # inference tensors have no version counter: fold every time
-        return _fold(conv, bn, dtype)
-    hit = _cache.get(bn)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    with torch.no_grad():
-        weight, bias = _fold(conv, bn, dtype)
-        weight = gemm_layout(weight) if for_gemm else weight.contiguous(memory_format=memory_format)
-    _cache[bn] = (key, weight, bias)
-    return weight, bias
-
-
-def clear_fold_cache() -> None:
-    """Drop every cached fold (only needed after editing parameters through ``.data``, which bypasses the
-    version counter)."""
-    _cache.clear()
+    Computed in fp32 (fp64 for fp64 weights), then cast once to ``dtype`` (autocast) or the conv weight's dtype,
+    so half-precision models lose no more than one rounding of W' and b'."""
+    weight = conv.weight
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc) * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    out_dtype = dtype if dtype is not None else weight.dtype
+    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(out_dtype), shift.to(out_dtype)

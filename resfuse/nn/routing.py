@@ -1,56 +1,170 @@
-"""How conv -> BatchNorm -> (+ residual) -> (ReLU) over a model's own modules runs: fused ops, or the modules.
+"""How a model's conv -> BatchNorm -> (+ residual) -> (ReLU) runs: as fused ops, or as the modules themselves.
 
-Training mode (or a BN without running statistics) runs ATen's conv then the fused ``bn_act`` op with batch
-statistics and the running-stat update; eval mode runs ``conv_bn_act`` with the BN folded into the conv.
-A configuration with no fused kernel runs the modules themselves (the reference path) after one warning.
+resfuse's blocks, its fused ResNet stem and ConvBNReLU keep nothing of their own: every call reads the children
+they have at that moment (``self.conv1``, ``self.bn1``, ``self.relu``...), so replacing a child, adding a
+parametrization or a hook after ``convert()`` means what it means in eager PyTorch. A call takes the fused path
+only when the fused ops compute exactly what the modules would:
+
+- each conv is an ``nn.Conv2d`` (not a subclass: timm's StdConv2d standardises its weight) with zero padding
+  given as numbers; each norm an ``nn.BatchNorm2d``, torchvision's ``FrozenBatchNorm2d``, or an
+  ``nn.SyncBatchNorm`` in eval mode; each activation an ``nn.ReLU``;
+- no module involved has a hook the fused op cannot run. A conv's forward pre-hooks see only the conv's input,
+  which the fused path has, so they are run (``weight_norm``, ``prune`` and ``spectral_norm`` recompute the
+  weight that way). Any other hook (forward hooks, pre-hooks on a norm or an activation, backward hooks,
+  global module hooks) must see an intermediate the fused op never makes;
+- the model is not being traced by ``torch.fx`` (which records module calls, not ops).
+
+Otherwise the owner runs its eager forward (the "module path"), after one warning naming the reason.
 """
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.modules import module as _module
 
 from .. import ops
-from ..ops._autograd import conv_output_shape
+from ..layout import memory_format_of
+from ..ops._autograd import conv_output_shape, grad_needed
 from ..ops._checks import check_activation, check_matches
 from ..ops.bn_act import run_bn_act
 from ..ops.conv_bn_act import run_conv_bn_act
-from ..layout import memory_format_of
-from .fold import folded_weight_bias
-from .stem import plain_forward, plain_type
+from .fold import fold_bn_differentiable, gemm_layout
+
+Route = tuple[str, str]  # (requested backend, resolved backend), from resolve_route
 
 _warned: set = set()
+_warned_lock = threading.Lock()
 
 
-def warn_reference_once(reason: str) -> None:
-    """One warning per configuration that runs the reference path instead of a fused kernel."""
-    if reason in _warned:
-        return
-    _warned.add(reason)
-    warnings.warn(f"resfuse: no fused kernel for {reason}; running the reference PyTorch path", stacklevel=3)
+def warn_once(message: str) -> None:
+    """One warning per distinct message, whatever the thread."""
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def warn_module_path_once(owner: nn.Module, reason: str) -> None:
+    warn_once(f"resfuse: {type(owner).__name__} runs its modules unfused ({reason}); this is eager PyTorch's "
+              f"speed, with eager PyTorch's numbers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the fused ops can honour
 
 
 def _is_frozen_bn(bn: nn.Module) -> bool:
     # torchvision.ops.FrozenBatchNorm2d (detection backbones): running stats and affine as buffers, no training.
-    return type(bn).__name__ == "FrozenBatchNorm2d" and hasattr(bn, "running_var")
+    cls = type(bn)
+    return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__.startswith("torchvision.ops")
 
 
-def unsupported_reason(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """Why (conv, bn) has no fused path, or None."""
-    if plain_type(conv) is not nn.Conv2d:
+def conv_reason(conv: nn.Module) -> Optional[str]:
+    """Why ``conv`` is not a convolution the fused ops compute, or None."""
+    if type(conv) is not nn.Conv2d:
         return f"conv layer {type(conv).__name__}"
     if conv.padding_mode != "zeros":
         return f"Conv2d padding_mode={conv.padding_mode!r}"
     if isinstance(conv.padding, str):
         return f"Conv2d padding={conv.padding!r}"
-    if plain_type(bn) is nn.BatchNorm2d or _is_frozen_bn(bn):
+    return None
+
+
+def norm_reason(bn: nn.Module) -> Optional[str]:
+    """Why ``bn`` is not a norm layer the fused ops compute, or None."""
+    cls = type(bn)
+    if cls is nn.BatchNorm2d or _is_frozen_bn(bn):
         return None
-    if isinstance(bn, nn.SyncBatchNorm) and not bn.training:
-        return None
+    if cls is nn.SyncBatchNorm and not bn.training:
+        return None  # eval mode: running statistics, nothing is synchronised
     return f"norm layer {type(bn).__name__}{' (training)' if bn.training else ''}"
+
+
+def relu_reason(relu: nn.Module) -> Optional[str]:
+    return None if type(relu) is nn.ReLU else f"activation {type(relu).__name__}"
+
+
+def hook_reason(module: nn.Module, name: str, conv_pre_hooks_run: bool = False) -> Optional[str]:
+    """Why a hook on ``module`` keeps the fused path from honouring it, or None. ``conv_pre_hooks_run``: its
+    forward pre-hooks are run by the fused path (see run_forward_pre_hooks)."""
+    if module._forward_hooks:
+        return f"a forward hook on {name}"
+    if module._forward_pre_hooks and not conv_pre_hooks_run:
+        return f"a forward pre-hook on {name}"
+    if module._backward_hooks or module._backward_pre_hooks:
+        return f"a backward hook on {name}"
+    return None
+
+
+def global_hook_reason() -> Optional[str]:
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks):
+        return "a global module hook (torch.nn.modules.module.register_module_*_hook)"
+    return None
+
+
+def modules_reason(convs: Iterable[tuple[str, nn.Module]], norms: Iterable[tuple[str, nn.Module]],
+                   relus: Iterable[tuple[str, nn.Module]] = ()) -> Optional[str]:
+    """The first reason the fused path cannot honour these (name, module) pairs, or None."""
+    reason = global_hook_reason()
+    if reason is not None:
+        return reason
+    for name, conv in convs:
+        reason = conv_reason(conv) or hook_reason(conv, name, conv_pre_hooks_run=True)
+        if reason is not None:
+            return f"{name}: {reason}"
+    for name, bn in norms:
+        reason = norm_reason(bn) or hook_reason(bn, name)
+        if reason is not None:
+            return f"{name}: {reason}"
+    for name, relu in relus:
+        reason = relu_reason(relu) or hook_reason(relu, name)
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+def traced_by_fx(owner: nn.Module) -> bool:
+    """Whether torch.fx is tracing ``owner`` (symbolically: the input is a Proxy, so nothing about it may be
+    checked): it then runs its modules, which FX records as calls of the original modules. Warns once."""
+    if not is_fx_symbolic_tracing():
+        return False
+    warn_module_path_once(owner, "traced by torch.fx, which records module calls: the traced graph is unfused")
+    return True
+
+
+def run_forward_pre_hooks(module: nn.Module, x: Tensor) -> Tensor:
+    """``module``'s forward pre-hooks on its input ``x``, as ``nn.Module.__call__`` runs them; returns the input
+    the module's forward would receive. A hook that changes the call into anything but one tensor is an error
+    here: the fused ops take one input."""
+    if not module._forward_pre_hooks:
+        return x
+    args, kwargs = (x,), {}
+    for hook_id, hook in module._forward_pre_hooks.items():
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        raise RuntimeError(f"resfuse: a forward pre-hook of {type(module).__name__} turned its input into "
+                           f"{len(args)} positional and {len(kwargs)} keyword arguments; the fused path takes "
+                           f"one tensor (resfuse.revert() the model to run such hooks)")
+    return args[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and backends
 
 
 def check_block_input(x: Tensor, conv: nn.Conv2d) -> None:
@@ -64,6 +178,17 @@ def check_block_input(x: Tensor, conv: nn.Conv2d) -> None:
         raise RuntimeError(f"input is on {x.device} but the block's weights are on {weight.device}")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise RuntimeError(f"input dtype {x.dtype} does not match the block's weight dtype {weight.dtype}")
+
+
+def resolve_route(x: Tensor, backend: Optional[str]) -> Route:
+    """(requested, resolved) backend for ops on ``x``'s device: "auto" stays visible to the ops, which may send
+    an eval conv to cuDNN's fused op (resfuse/ops/cudnn_fused.py)."""
+    requested = ops.backend.requested_backend(backend)
+    return requested, ops.resolve_backend(requested, x.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused conv -> BN -> (+ residual) -> (ReLU)
 
 
 def _train_momentum(bn: nn.BatchNorm2d) -> float:
@@ -81,40 +206,13 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def reference_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor],
-                          relu: bool) -> Tensor:
-    out = plain_forward(bn, plain_forward(conv, x))
-    if residual is not None:
-        out = out + residual
-    return torch.relu(out) if relu else out
-
-
-def modules_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor] = None,
-                        relu: bool = True, backend: Optional[str] = None) -> Tensor:
-    """``act(bn(conv(x)) + residual)`` over the modules ``conv`` and ``bn``, fused where it can be;
-    ``backend`` as in ``resfuse.ops``. Checks the input; blocks check once and call ``run_modules`` per conv."""
-    check_block_input(x, conv)
-    return run_modules(x, conv, bn, residual, relu, resolve_route(x, backend))
-
-
-def resolve_route(x: Tensor, backend: Optional[str]) -> tuple[str, str]:
-    """(requested, resolved) backend for ops on ``x``'s device: "auto" stays visible to the ops, which may send
-    an eval conv to cuDNN's fused op (resfuse/ops/cudnn_fused.py)."""
-    requested = ops.backend.requested_backend(backend)
-    return requested, ops.resolve_backend(requested, x.device)
-
-
-def run_modules(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
-                route: tuple[str, str]) -> Tensor:
-    """``conv_bn_act`` for an input already checked against ``conv`` (check_block_input) and a route from
-    ``resolve_route``. Blocks call this for each of their convs, so the input check and the backend lookup are
+def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
+                      route: Route) -> Tensor:
+    """``act(bn(conv(x)) + residual)`` as fused ops, for modules ``modules_reason`` accepted, an input already
+    checked (check_block_input) and through ``conv``'s forward pre-hooks, and a route from ``resolve_route``
+    (not "reference"). Blocks call this for each of their convs, so the input check and the backend lookup are
     made once per block: at N=128 a block's step is bound by host time, and this is part of it."""
     requested, impl = route
-    reason = unsupported_reason(conv, bn)
-    if impl == "reference" or reason is not None:
-        if reason is not None:
-            warn_reference_once(reason)
-        return reference_conv_bn_act(x, conv, bn, residual, relu)
     # Under autocast, eager runs the conv in the autocast dtype and BN on that output with fp32 statistics
     # and parameters; the fused ops are not autocast-aware, so the same casts are made here.
     amp_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
@@ -130,8 +228,8 @@ def run_modules(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Te
             momentum, bn.eps, relu, impl, requested,
         )
     for_gemm = impl == "triton"
-    weight, bias = folded_weight_bias(conv, bn, for_gemm=for_gemm, dtype=amp_dtype,
-                                      memory_format=torch.contiguous_format if for_gemm else memory_format_of(x))
+    weight, bias = fold_bn_differentiable(conv, bn, dtype=amp_dtype)
+    weight = gemm_layout(weight) if for_gemm else weight.contiguous(memory_format=memory_format_of(x))
     if amp_dtype is not None:
         x = x.to(amp_dtype)
         residual = residual.to(amp_dtype) if residual is not None else None
@@ -141,3 +239,4 @@ def run_modules(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Te
                       "residual")
     return run_conv_bn_act(x, weight, bias, residual, stride, padding, dilation, conv.groups, relu, requested,
                            impl)
+
