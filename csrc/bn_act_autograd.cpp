@@ -8,6 +8,9 @@
 // same formula written in Python (resfuse/ops/_autograd.py). Each flavour's backward is its own backward op,
 // so torch.compile traces the backward as that op.
 //
+// With create_graph=True the backward op is called through its own Autograd kernel, which computes it with
+// differentiable torch math (resfuse/ops/_autograd.py); every other backward calls it below autograd.
+//
 // Like the Python kernel, this one bumps the version counters of the running statistics it updates in place:
 // the dispatcher does not for ops defined outside torch.library's custom_op, and the cached eval-mode BN fold
 // (resfuse/nn/fold.py) relies on them.
@@ -76,10 +79,12 @@ class BnActFunction : public torch::autograd::Function<BnActFunction<Flavour>> {
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) {
       return result;
     }
-    auto [grad_input, grad_weight, grad_bias, grad_residual] = bn_act_ops<Flavour>().backward.call(
-        grads[0].contiguous(out.suggest_memory_format()), input,
-        weight.defined() ? OptTensor(weight) : std::nullopt, out, saved[3], saved[4],
-        ctx->saved_data["relu"].toBool(), mask);
+    const auto call_backward = [&] {
+      return bn_act_ops<Flavour>().backward.call(grads[0].contiguous(out.suggest_memory_format()), input,
+                                                 weight.defined() ? OptTensor(weight) : std::nullopt, out,
+                                                 saved[3], saved[4], ctx->saved_data["relu"].toBool(), mask);
+    };
+    auto [grad_input, grad_weight, grad_bias, grad_residual] = call_below_autograd_unless_recording(call_backward);
     if (mask[0]) result[0] = grad_input;
     if (mask[1]) result[1] = grad_weight;
     if (mask[2]) result[2] = grad_bias;

@@ -7,7 +7,8 @@
 // (resfuse/ops/conv_bn_act.py); this kernel redispatches to them below autograd like to the C++ ones, and
 // without this extension the same formula runs in Python (resfuse/ops/_autograd.py). The C++ flavours share one
 // backward op, resfuse::_conv_bn_act_backward, the Triton one has its own; torch.compile traces the backward
-// as that op.
+// as that op. With create_graph=True the backward op is called through its own Autograd kernel (differentiable
+// torch math, resfuse/ops/_autograd.py); every other backward calls it below autograd.
 #include "common.h"
 #include "flavour_ops.h"
 
@@ -77,9 +78,13 @@ class ConvBnActFunction : public torch::autograd::Function<ConvBnActFunction<Fla
     const auto stride = ctx->saved_data["stride"].toSymIntVector();
     const auto padding = ctx->saved_data["padding"].toSymIntVector();
     const auto dilation = ctx->saved_data["dilation"].toSymIntVector();
-    auto [grad_input, grad_weight, grad_bias, grad_residual] = conv_bn_act_ops<Flavour>().backward.call(
-        grads[0].contiguous(out.suggest_memory_format()), saved[0], saved[1], out, stride, padding, dilation,
-        ctx->saved_data["groups"].toSymInt(), ctx->saved_data["relu"].toBool(), mask);
+    const auto call_backward = [&] {
+      return conv_bn_act_ops<Flavour>().backward.call(grads[0].contiguous(out.suggest_memory_format()), saved[0],
+                                                      saved[1], out, stride, padding, dilation,
+                                                      ctx->saved_data["groups"].toSymInt(),
+                                                      ctx->saved_data["relu"].toBool(), mask);
+    };
+    auto [grad_input, grad_weight, grad_bias, grad_residual] = call_below_autograd_unless_recording(call_backward);
     if (mask[0]) result[0] = grad_input;
     if (mask[1]) result[1] = grad_weight;
     if (mask[2]) result[2] = grad_bias;

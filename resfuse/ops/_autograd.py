@@ -10,6 +10,12 @@ defined outside ``custom_op``: the cached eval-mode BN fold (resfuse/nn/fold.py)
 When the C++ extension is built, every flavour's autograd kernel is the same formula written in C++
 (csrc/*_autograd.cpp), the Triton flavours' included, for the host time of a step: this module then registers
 only fake kernels, and the Python autograd kernels below serve the Triton flavours of a build without it.
+
+Second-order gradients (``create_graph=True``: gradient penalties, MAML, influence functions) need the backward
+itself to be differentiable. Each backward op therefore has an Autograd kernel too (register_backward_autograd):
+when autograd must record the call, it computes the backward with differentiable torch math, given by the op's
+file; otherwise it runs the device kernel. The forward ops' autograd kernels call the backward op below
+autograd when grad mode is off (every ordinary backward), so only a create_graph backward pays for it.
 """
 from __future__ import annotations
 
@@ -100,6 +106,30 @@ def _register_autograd_kernel(name: str, setup_context: Callable, backward: Call
     _lib.impl(name, autograd_kernel, "Autograd")
 
 
+def register_backward_autograd(backward_name: str, differentiable: Callable) -> None:
+    """The Autograd kernel of backward op ``resfuse::<backward_name>``: ``differentiable(*args)`` (the same
+    backward in torch ops, recorded by autograd) when a tensor argument requires grad and grad mode is on,
+    else the device kernel."""
+    op = getattr(torch.ops.resfuse, backward_name).default
+
+    def autograd_kernel(*args):
+        if grad_needed(*args):
+            return differentiable(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    _lib.impl(backward_name, autograd_kernel, "Autograd")
+
+
+def call_backward(backward_op, *args):
+    """A backward op called from a forward op's backward: below autograd in an ordinary backward (no Python
+    Autograd kernel on the way), through it when create_graph=True asks autograd to record the backward."""
+    if torch.is_grad_enabled():
+        return backward_op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return backward_op(*args)
+
+
 def register_bn_act(name: str, backward_name: str) -> None:
     """Fake kernels + autograd for one bn_act flavour (``resfuse::<name>`` and its backward op); the autograd
     kernel only where csrc/bn_act_autograd.cpp did not register the same formula and version-counter bump."""
@@ -130,8 +160,8 @@ def register_bn_act(name: str, backward_name: str) -> None:
                 ctx.has_residual and needs[3]]
         if not any(mask):
             return (None,) * 9
-        gi, gw, gb, gr = backward_op(grad_out.contiguous(memory_format=memory_format_of(out)), input, weight,
-                                     out, save_mean, save_invstd, ctx.relu, mask)
+        gi, gw, gb, gr = call_backward(backward_op, grad_out.contiguous(memory_format=memory_format_of(out)),
+                                       input, weight, out, save_mean, save_invstd, ctx.relu, mask)
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 gr if mask[3] else None, None, None, None, None, None)
 
@@ -178,8 +208,8 @@ def register_conv_bn_act(name: str, backward_name: str, backward_registered: boo
         if not any(mask):
             return (None,) * 9
         stride, padding, dilation, groups = ctx.conv_args
-        gi, gw, gb, gr = backward_op(grad_out.contiguous(memory_format=memory_format_of(out)), input, weight,
-                                     out, stride, padding, dilation, groups, ctx.relu, mask)
+        gi, gw, gb, gr = call_backward(backward_op, grad_out.contiguous(memory_format=memory_format_of(out)),
+                                       input, weight, out, stride, padding, dilation, groups, ctx.relu, mask)
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 gr if mask[3] else None, None, None, None, None, None)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from ..layout import memory_format_of
+from ..layout import memory_format_of, stats_dtype
 from ..reference import bn_act_ref
 from . import _autograd, autoselect
 from ._checks import check_activation, check_channel_vector, check_like
@@ -38,11 +38,45 @@ def _bn_act_backward_triton(grad_out, input, weight, out, save_mean, save_invstd
     return kernels.bn_act_bwd(grad_out, input, weight, out, save_mean, save_invstd, relu, list(output_mask))
 
 
+def bn_act_backward_differentiable(grad_out, input, weight, out, save_mean, save_invstd, relu, output_mask):
+    """The backward of bn_act in torch ops, for create_graph=True: autograd records it, so second-order
+    gradients flow through the batch statistics, which are recomputed here from ``input``. The saved invstd
+    gives their value, rsqrt(var + eps) written as rsqrt(var - var.detach() + save_invstd**-2): the same
+    value, and the derivative in var that eps would give. The ReLU mask (from ``out``) is piecewise constant."""
+    acc = stats_dtype(input)
+    x = input.to(acc)
+    dims = (0, 2, 3)
+    n = x.numel() // x.shape[1]
+    g = grad_out.to(acc)
+    if relu:
+        g = g * (out.detach() > 0)
+    mean = x.mean(dims) if n > 0 else x.new_zeros(x.shape[1])  # an empty batch: nothing flows back
+    xc = x - mean.view(1, -1, 1, 1)
+    var = xc.square().mean(dims) if n > 0 else mean
+    invstd = torch.rsqrt(var - var.detach() + save_invstd.detach().to(acc).reciprocal().square())
+    xhat = xc * invstd.view(1, -1, 1, 1)
+    sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
+    param_dtype = weight.dtype if weight is not None else torch.float32
+    fmt = memory_format_of(input)
+    empty_act, empty_param = input.new_empty((0,)), input.new_empty((0,), dtype=param_dtype)
+    grad_input = empty_act
+    if output_mask[0]:
+        a = invstd if weight is None else invstd * weight.to(acc)
+        grad_input = ((g - (sum_g / max(n, 1)).view(1, -1, 1, 1) - xhat * (sum_gx / max(n, 1)).view(1, -1, 1, 1))
+                      * a.view(1, -1, 1, 1)).to(input.dtype).contiguous(memory_format=fmt)
+    return (grad_input,
+            sum_gx.to(param_dtype) if output_mask[1] else empty_param,
+            sum_g.to(param_dtype) if output_mask[2] else empty_param.clone(),
+            g.to(input.dtype).contiguous(memory_format=fmt) if output_mask[3] else empty_act.clone())
+
+
 _autograd.define_triton_op("bn_act_triton", _SCHEMA, bn_act_triton)
 _autograd.define_triton_op("_bn_act_backward_triton", _BACKWARD_SCHEMA, _bn_act_backward_triton)
 _autograd.register_bn_act("bn_act_triton", "_bn_act_backward_triton")
+_autograd.register_backward_autograd("_bn_act_backward_triton", bn_act_backward_differentiable)
 if _loader.extension is not None:
     _autograd.register_bn_act("bn_act", "_bn_act_backward")
+    _autograd.register_backward_autograd("_bn_act_backward", bn_act_backward_differentiable)
 
 
 def bn_act(

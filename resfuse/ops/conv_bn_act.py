@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _loader
-from ..layout import memory_format_of
+from ..layout import memory_format_of, stats_dtype
 from ..reference import conv_bn_act_ref
 from . import _autograd, autoselect, cudnn_fused
 from ._autograd import grad_needed
@@ -61,12 +61,30 @@ def _conv_bn_act_backward_triton(grad_out, input, weight, out, stride, padding, 
     return grad_input, grad_weight, grad_bias, grad_residual
 
 
+def conv_bn_act_backward_differentiable(grad_out, input, weight, out, stride, padding, dilation, groups, relu,
+                                        output_mask):
+    """The backward of conv_bn_act in torch ops, for create_graph=True: autograd records it (ATen's
+    convolution_backward has its own derivative). The ReLU mask (from ``out``) is piecewise constant."""
+    g = grad_out * (out.detach() > 0) if relu else grad_out
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [bool(output_mask[0]), bool(output_mask[1]), False])
+    empty = input.new_empty((0,))
+    return (grad_input.contiguous(memory_format=memory_format_of(input)) if output_mask[0] else empty,
+            grad_weight.contiguous(memory_format=memory_format_of(weight)) if output_mask[1]
+            else weight.new_empty((0,)),
+            g.to(stats_dtype(g)).sum((0, 2, 3)).to(weight.dtype) if output_mask[2] else weight.new_empty((0,)),
+            g.contiguous(memory_format=memory_format_of(out)).clone() if output_mask[3] else empty.clone())
+
+
 _autograd.define_triton_op("conv_bn_act_triton", _SCHEMA, conv_bn_act_triton)
 _autograd.define_triton_op("_conv_bn_act_backward_triton", _BACKWARD_SCHEMA, _conv_bn_act_backward_triton)
 _autograd.register_conv_bn_act("conv_bn_act_triton", "_conv_bn_act_backward_triton")
+_autograd.register_backward_autograd("_conv_bn_act_backward_triton", conv_bn_act_backward_differentiable)
 if _loader.extension is not None:
     # The three C++ flavours share the contract and the backward; only how the forward computes `out` differs.
     _autograd.register_conv_bn_act("conv_bn_act", "_conv_bn_act_backward")
+    _autograd.register_backward_autograd("_conv_bn_act_backward", conv_bn_act_backward_differentiable)
     _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True)
     _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True)
 
