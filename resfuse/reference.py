@@ -36,14 +36,18 @@ def bn_act_ref(
     """BatchNorm with batch statistics, + residual, + ReLU. Returns (out, batch mean, batch invstd).
 
     Running statistics, when given, are updated in place as nn.BatchNorm2d does: the biased variance
-    normalises, the unbiased one goes into running_var.
+    normalises, the unbiased one goes into running_var. An empty batch has no statistics: as nn.BatchNorm2d, it
+    leaves the running statistics untouched (the returned mean and invstd are zeros).
     """
     acc = _acc_dtype(x)
     xf = x.to(acc)
     n = x.numel() // max(x.shape[1], 1)
-    mean = xf.mean(dim=(0, 2, 3))
-    var = xf.var(dim=(0, 2, 3), unbiased=False)
-    invstd = torch.rsqrt(var + eps)
+    if n == 0:
+        mean = var = invstd = xf.new_zeros(x.shape[1])  # the output is empty; its graph still reaches w, b
+    else:
+        mean = xf.mean(dim=(0, 2, 3))
+        var = xf.var(dim=(0, 2, 3), unbiased=False)
+        invstd = torch.rsqrt(var + eps)
     y = (xf - _channel(mean)) * _channel(invstd)
     if weight is not None:
         y = y * _channel(weight.to(acc))
@@ -53,7 +57,7 @@ def bn_act_ref(
         y = y + residual.to(acc)
     if relu:
         y = torch.relu(y)
-    if running_mean is not None and running_var is not None:
+    if running_mean is not None and running_var is not None and n > 0:
         with torch.no_grad():
             unbiased = var.detach() * (n / max(n - 1, 1))
             running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)

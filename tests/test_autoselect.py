@@ -224,3 +224,85 @@ def test_auto_bn_act_measures_forward_and_backward_on_a_gpu():
     assert entry["op"] == "bn_act" and entry["chosen"] in ("cuda", "triton")
     assert all(isinstance(ms, float) for ms in entry["ms"].values()), entry["ms"]
     autoselect.clear_auto_choices()
+
+
+def test_batch_sizes_share_a_configuration_by_power_of_two():
+    assert [autoselect.batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 127, 128, 129)] == [0, 1, 2, 4, 4, 8, 128, 128,
+                                                                                         256]
+
+
+@pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs two bn_act backends to measure")
+def test_a_smaller_last_batch_is_not_measured_again(measured, monkeypatch):
+    ms, runs = measured
+    ms.update(cuda=1.0, triton=2.0)
+    for n in (8, 7, 5):  # one bucket
+        ops.bn_act(randn(n, 3, 2, 2), torch.rand(3) + 0.5, randn(3, seed=1))
+    assert runs == ["cuda", "triton"]
+
+
+@pytest.mark.skipif(not (HAS_CUDA_KERNELS and HAS_TRITON_CPU), reason="needs two bn_act backends to measure")
+def test_measuring_leaves_the_global_rng_alone(measured):
+    ms, _ = measured
+    ms.update(cuda=1.0, triton=2.0)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    ops.bn_act(randn(4, 3, 2, 2), torch.rand(3, generator=torch.Generator().manual_seed(1)) + 0.5)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_failure_warns_once_for_all_configurations(measured):
+    import warnings
+
+    ms, _ = measured
+    ms.update(good=1.0)
+
+    def broken():
+        raise RuntimeError("unsupported case")
+
+    resfuse_warnings = importlib.import_module("resfuse._warn_once")
+    resfuse_warnings.forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(3):
+            autoselect.choose(("op", n), {"broken": broken, "good": lambda: None}, torch.device("cpu"))
+    assert len([w for w in caught if "unsupported case" in str(w.message)]) == 1
+
+
+def test_measuring_inside_a_cuda_graph_capture_is_an_error(monkeypatch):
+    autoselect.clear_auto_choices()
+    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
+    monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def never():
+        raise AssertionError("measured inside a capture")
+
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture.*warm-up"):
+        autoselect.choose(("op", 1), {"a": never, "b": never}, torch.device("cuda"))
+    # a configuration measured before the capture is replayed without measuring
+    autoselect._choices[("op", 2)] = "a"
+    assert autoselect.choose(("op", 2), {"a": never, "b": never}, torch.device("cuda")) == "a"
+
+
+def test_two_threads_never_measure_at_once(measured):
+    import threading
+    import time
+
+    ms, _ = measured
+    ms.update(a=1.0, b=2.0)
+    active, overlap = [0], []
+
+    def slow():
+        active[0] += 1
+        overlap.append(active[0])
+        time.sleep(0.05)
+        active[0] -= 1
+
+    threads = [threading.Thread(target=autoselect.choose, args=(("op", i), {"a": slow, "b": slow},
+                                                                 torch.device("cpu"))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlap) == 1 and len(overlap) == 8

@@ -194,7 +194,7 @@ def test_non_batchnorm_norm_layer_warns_once_and_matches(backend):
     ours = resfuse.BasicBlock(4, 4, norm_layer=norm_layer, backend=backend)
     ours.load_state_dict(ref.state_dict())
     x = make_input((2, 4, 5, 5), "contiguous")
-    resfuse.nn.routing._warned.clear()
+    resfuse._warn_once.forget_warnings()
     with pytest.warns(UserWarning, match="runs its modules unfused .bn1: norm layer GroupNorm"):
         out = ours(x)
     assert torch.equal(out, ref(x))
@@ -227,3 +227,19 @@ def test_frozen_batchnorm_detection_backbone(backend):
     out.sum().backward()
     assert rel_err(x_ours.grad, x_ref.grad) < 2e-5
     assert_grads_close(ref, ours)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch_like_torchvision(backend, train):
+    """N=0: an empty output, running statistics untouched, num_batches_tracked bumped, zero gradients."""
+    ref, ours, shape = make_pair("basic_stride2_downsample", backend)
+    ref.train(train), ours.train(train)
+    x = torch.randn(0, *shape[1:])
+    for model in (ref, ours):
+        out = model(x)
+        assert out.shape[0] == 0
+        out.sum().backward()
+    assert_state_equal(ref, ours, rtol=0, atol=0)
+    for (name, p_ref), p in zip(ref.named_parameters(), ours.parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name

@@ -142,9 +142,17 @@ def test_running_stats_bump_version_counter(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_batch(backend):
-    x = torch.randn(0, 4, 3, 3)
-    out = resfuse.ops.bn_act(x, backend=backend)
+    """As nn.BatchNorm2d: an empty output, the running statistics untouched, zero parameter gradients."""
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    weight, bias = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    running_mean, running_var = torch.randn(4), torch.rand(4) + 0.5
+    before = running_mean.clone(), running_var.clone()
+    out = resfuse.ops.bn_act(x, weight, bias, None, running_mean, running_var, backend=backend)
     assert out.shape == x.shape
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros(4)) and torch.equal(bias.grad, torch.zeros(4))
+    assert x.grad.shape == x.shape
 
 
 def test_single_value_per_channel_is_an_error():

@@ -191,7 +191,7 @@ def test_a_hook_that_changes_a_conv_input_is_honoured():
 def test_a_bn_hook_makes_the_block_run_its_modules_with_one_warning():
     ref, ours = pair()
     ours.layer1[0].bn1.register_forward_hook(lambda *a: None)
-    resfuse.nn.routing._warned.clear()
+    resfuse._warn_once.forget_warnings()
     with pytest.warns(UserWarning, match="runs its modules unfused .bn1: a forward hook on bn1"):
         same(ref, ours, X)
     with warnings.catch_warnings():

@@ -18,8 +18,6 @@ Otherwise the owner runs its eager forward (the "module path"), after one warnin
 """
 from __future__ import annotations
 
-import threading
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -29,6 +27,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules import module as _module
 
 from .. import ops
+from .._warn_once import warn_once
 from ..layout import memory_format_of
 from ..ops._autograd import conv_output_shape, grad_needed
 from ..ops._checks import check_activation, check_matches
@@ -37,19 +36,6 @@ from ..ops.conv_bn_act import run_conv_bn_act
 from .fold import fold_bn_differentiable, gemm_layout
 
 Route = tuple[str, str]  # (requested backend, resolved backend), from resolve_route
-
-_warned: set = set()
-_warned_lock = threading.Lock()
-
-
-def warn_once(message: str) -> None:
-    """One warning per distinct message, whatever the thread."""
-    with _warned_lock:
-        if message in _warned:
-            return
-        _warned.add(message)
-    warnings.warn(message, stacklevel=3)
-
 
 def warn_module_path_once(owner: nn.Module, reason: str) -> None:
     warn_once(f"resfuse: {type(owner).__name__} runs its modules unfused ({reason}); this is eager PyTorch's "

@@ -11,35 +11,76 @@ without measuring. The implementations:
 
 Each one is called once untimed (Triton's compilation and autotuning, cuDNN's algorithm search), then
 ``REPEATS`` times between CUDA events; the median counts. Measuring synchronises the host, once per
-configuration, like Triton's autotuner: warm a model up before capturing it in a CUDA graph. Nothing is
-measured, and the fixed rules of ``backend.py`` apply, where measuring cannot or should not happen: on CPU
-tensors, while torch.compile traces, while a CUDA graph is being captured, and with ``RESFUSE_AUTO_MEASURE=0``.
-An implementation that raises while measured is not chosen, with a warning naming it and the error.
+configuration, like Triton's autotuner: warm a model up before capturing it in a CUDA graph. Capturing a call
+whose configuration was never measured is an error that says so, never a measurement recorded into the graph.
+Nothing is measured, and the fixed rules of ``backend.py`` apply, where measuring should not happen: on CPU
+tensors, while torch.compile traces, and with ``RESFUSE_AUTO_MEASURE=0``.
+An implementation that raises while measured is not chosen, with one warning naming it and the error.
+
+A configuration is what changes the choice: device, dtype, layout, the channel and spatial sizes, options, and
+the batch size rounded up to a power of two (``batch_bucket``): a last, smaller batch of an epoch does not
+measure again. Measuring never touches what the caller owns: random gradients come from a private generator,
+not the global RNG a seeded training run depends on, and running statistics are copied. One lock serialises
+measurements, so two threads never time each other.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import warnings
+import threading
 from typing import Any, Callable, Optional
 
 import torch
+
+from .._warn_once import warn_once
 
 REPEATS = 5
 
 _choices: dict[tuple, str] = {}  # configuration -> the implementation chosen
 _timings: dict[tuple, dict[str, Any]] = {}  # configuration -> ms per implementation, or the error it raised
+_lock = threading.RLock()
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def batch_bucket(n: int) -> int:
+    """The batch size as a configuration sees it: rounded up to a power of two."""
+    return 1 << max(int(n) - 1, 0).bit_length() if n > 0 else 0
+
+
+def random_like(x: torch.Tensor) -> torch.Tensor:
+    """Normal noise shaped, typed and laid out like ``x``, from a private generator: the global RNG stays as
+    the caller's seed left it."""
+    with _lock:
+        gen = _generators.get(x.device)
+        if gen is None:
+            gen = _generators[x.device] = torch.Generator(device=x.device).manual_seed(0)
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device).contiguous(
+            memory_format=_layout_of(x))
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    from ..layout import memory_format_of
+
+    return memory_format_of(x)
+
+
+def check_not_capturing(device: torch.device, what: str) -> None:
+    """Raise when a CUDA graph is being captured on ``device``'s current stream: ``what`` (a first measurement)
+    would synchronise the host, which capture forbids, or be recorded into the graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"resfuse: backend 'auto' would measure its implementations for {what} inside a CUDA graph capture. "
+            "Run the model once outside the capture first (a warm-up measures every configuration it will "
+            "meet), or set RESFUSE_AUTO_MEASURE=0, or name a backend.")
 
 
 def measuring_enabled(device: torch.device) -> bool:
-    """Whether an op on ``device`` may measure its implementations now (else it takes the fixed rule)."""
+    """Whether an op on ``device`` measures its implementations (else it takes the fixed rule)."""
     if os.environ.get("RESFUSE_AUTO_MEASURE", "1").strip() in ("0", "false", "no", "off"):
         return False
     if not device_measurable(device):
         return False
-    if torch.compiler.is_compiling():
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not torch.compiler.is_compiling()
 
 
 def device_measurable(device: torch.device) -> bool:
@@ -58,33 +99,32 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Any]], device: torch.d
     """The fastest of ``candidates`` (name -> a call running that implementation on the real arguments) for
     ``key``, measured now and remembered. None when nothing may be measured here, "" when every candidate
     failed: either way the caller applies its fixed rule. A single candidate is chosen without measuring."""
-    hit = _choices.get(key)
-    if hit is not None:
-        return hit
-    if len(candidates) == 1:
-        (name,) = candidates
-        _choices[key] = name
-        return name
-    if not candidates or not measuring_enabled(device):
-        return None
-    timings: dict[str, Any] = {}
-    for name, call in candidates.items():
-        try:
-            timings[name] = _measure(call, device)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # e.g. a configuration cuDNN refuses, a kernel's unsupported case
-            timings[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            warnings.warn(f"resfuse: backend 'auto' measured {name} for {key[0]} and it failed "
-                          f"({timings[name]}); it is not chosen for this configuration", stacklevel=4)
-    measured = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
-    _timings[key] = timings
-    if not measured:
-        _choices[key] = ""
-        return ""
-    best = min(measured, key=measured.get)
-    _choices[key] = best
-    return best
+    with _lock:  # another thread may be measuring this very configuration: wait for its answer
+        hit = _choices.get(key)
+        if hit is not None:
+            return hit
+        if len(candidates) == 1:
+            (name,) = candidates
+            _choices[key] = name
+            return name
+        if not candidates or not measuring_enabled(device):
+            return None
+        check_not_capturing(device, f"{key[0]} {key[1:]}")
+        timings: dict[str, Any] = {}
+        for name, call in candidates.items():
+            try:
+                timings[name] = _measure(call, device)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # e.g. a configuration cuDNN refuses, a kernel's unsupported case
+                timings[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                warn_once(f"resfuse: backend 'auto' measured {name} for {key[0]} and it failed "
+                          f"({timings[name]}); it is not chosen for such configurations", stacklevel=4)
+        measured = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
+        _timings[key] = timings
+        best = min(measured, key=measured.get) if measured else ""
+        _choices[key] = best
+        return best
 
 
 def _measure(call: Callable[[], Any], device: torch.device) -> float:
@@ -105,11 +145,13 @@ def _measure(call: Callable[[], Any], device: torch.device) -> float:
 def auto_choices() -> list[dict]:
     """What ``auto`` chose per configuration, with what it measured (ms, or the error an implementation
     raised): one dict per configuration, for logs and for deciding a backend by hand."""
-    return [{"op": key[0], "config": key[1:], "chosen": _choices.get(key) or None, "ms": dict(timings)}
-            for key, timings in _timings.items()]
+    with _lock:
+        return [{"op": key[0], "config": key[1:], "chosen": _choices.get(key) or None, "ms": dict(timings)}
+                for key, timings in _timings.items()]
 
 
 def clear_auto_choices() -> None:
     """Forget every choice: the next call of each configuration measures again."""
-    _choices.clear()
-    _timings.clear()
+    with _lock:
+        _choices.clear()
+        _timings.clear()

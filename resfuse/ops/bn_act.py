@@ -157,16 +157,17 @@ def _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum,
     candidate is timed forward + backward, on copies of the running statistics."""
     if not autoselect.device_measurable(x.device):
         return None
-    key = ("bn_act", x.device, x.dtype, memory_format_of(x), tuple(x.shape),
-           None if weight is None else weight.dtype, bias is not None, residual is not None,
+    key = ("bn_act", x.device, x.dtype, memory_format_of(x), autoselect.batch_bucket(x.shape[0]),
+           tuple(x.shape[1:]), None if weight is None else weight.dtype, bias is not None, residual is not None,
            running_mean is not None, bool(relu))
     hit = autoselect.cached(key)
     if hit is not None or not autoselect.measuring_enabled(x.device):
         return hit
+    autoselect.check_not_capturing(x.device, f"bn_act on {tuple(x.shape)} {x.dtype}")
     _check_args(x, weight, bias, residual, running_mean, running_var)  # before any candidate runs
     with torch.no_grad():
         copies = [None if t is None else t.clone() for t in (running_mean, running_var)]
-        grad_out = torch.randn_like(x)
+        grad_out = autoselect.random_like(x)
     mask = [True, weight is not None, bias is not None, residual is not None]
 
     def forward_backward(forward, backward):

@@ -219,12 +219,14 @@ def _auto_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
     if not autoselect.device_measurable(x.device):
         return None
     grad = grad_needed(x, weight, bias, residual)
-    key = ("conv_bn_act", x.device, x.dtype, memory_format_of(x), tuple(x.shape), tuple(weight.shape),
+    key = ("conv_bn_act", x.device, x.dtype, memory_format_of(x), autoselect.batch_bucket(x.shape[0]),
+           tuple(x.shape[1:]), tuple(weight.shape),
            tuple(stride), tuple(padding), tuple(dilation), groups, bias is not None, residual is not None,
            bool(relu), grad, cuda_conv_kernel() if x.is_cuda else None)
     hit = autoselect.cached(key)
     if hit is not None or not autoselect.measuring_enabled(x.device):
         return hit
+    autoselect.check_not_capturing(x.device, f"conv_bn_act on {tuple(x.shape)} {x.dtype}")
     args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
     candidates = {}
     if cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
