@@ -138,11 +138,21 @@ def _extensions():
 
     cxx_flags = ["-O3"]
     link_flags = []
+    libraries = []
     if sys.platform.startswith("linux"):
         # at::parallel_for only runs in parallel when the including file is compiled with OpenMP. libgomp.so.1 is
         # the soname torch itself loads, so the extension shares torch's OpenMP runtime.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+        # libstdc++ ahead of torch's libraries. torch's wheels export copies of parts of libstdc++ (the
+        # std::ostringstream constructor every TORCH_CHECK message is built with, std::ios_base_library_init,
+        # exception_ptr's reference counting, ...) without a symbol version. Linked after them, as the compiler
+        # driver does by default, the extension binds those symbols to torch's copies, unversioned: at run time
+        # one stream is then built by torch's copy and written and freed by the system's libstdc++, and the
+        # version a g++ 13 build demands of the runtime (GLIBCXX_3.4.32) is never checked. First on the line,
+        # every C++ runtime symbol binds to libstdc++.so.6 with its version, and libstdc++ leads the extension's
+        # own search order at load time (tests/test_cxx_runtime.py checks both).
+        libraries.append("stdc++")
     define_macros = []
     include_dirs = [csrc]
 
@@ -160,6 +170,7 @@ def _extensions():
             sources=sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
+            libraries=libraries,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,
         )
@@ -170,6 +181,7 @@ def _extensions():
             sources=sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
+            libraries=libraries,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
