@@ -15,6 +15,7 @@ namespace resfuse {
 int compiled_cuda_runtime_version();  // csrc/cuda/bn_act.cu: CUDART_VERSION as nvcc saw it
 namespace cuda {
 const char* conv_sm90_build_reason();  // csrc/cuda/conv_sm90.cu
+std::string cuda_conv_setting_name();  // csrc/cuda/conv_igemm.cu: RESFUSE_CUDA_CONV, checked
 }
 }
 #endif
@@ -74,6 +75,14 @@ pybind11::object sm90_build_reason() {
 #endif
 }
 
+pybind11::object cuda_conv_setting() {
+#ifdef RESFUSE_WITH_CUDA
+  return pybind11::str(resfuse::cuda::cuda_conv_setting_name());
+#else
+  return pybind11::none();
+#endif
+}
+
 pybind11::object cuda_version() {
 #ifdef RESFUSE_WITH_CUDA
   const int v = resfuse::compiled_cuda_runtime_version();  // e.g. 13000 -> "13.0"
@@ -92,6 +101,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the Hopper convolution built on CUTLASS's headers (resfuse::conv_bn_act_sm90) was compiled in.");
   m.def("sm90_build_reason", &sm90_build_reason,
         "Why resfuse::conv_bn_act_sm90 cannot run from this build (None: it can, on an sm_90 GPU).");
+  m.def("cuda_conv_setting", &cuda_conv_setting,
+        "RESFUSE_CUDA_CONV as the CUDA kernels read it: auto, aten, igemm or sm90 (an unknown name raises); None "
+        "without the CUDA kernels.");
   m.def("cuda_version", &cuda_version, "CUDA version the kernels were compiled with (e.g. '13.0'), or None.");
   m.def(
       "cuda_arch_list", [] { return std::string(RESFUSE_CUDA_ARCH_LIST); },

@@ -830,13 +830,20 @@ def igemm_op(request):
     """Each implicit-GEMM kernel with the epilogue inside: our WMMA one (sm_80+) and the CUTLASS Hopper one
     (sm_90, builds with CUTLASS's headers and sm_90a; skipped elsewhere, with the reason)."""
     if request.param == "sm90":
-        from resfuse.ops.conv_bn_act import sm90_build_reason
-
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("resfuse::conv_bn_act_sm90 runs on sm_90 GPUs only")
-        if sm90_build_reason() is not None:
-            pytest.skip(f"resfuse::conv_bn_act_sm90 is not in {sm90_build_reason()}")
+        reason = _sm90_reason()
+        if reason is not None:
+            pytest.skip(reason)
     return getattr(ops, "conv_bn_act_" + request.param)
+
+
+def _sm90_reason():
+    """Why resfuse::conv_bn_act_sm90 cannot run on this machine and build (None: it can)."""
+    import resfuse
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "resfuse::conv_bn_act_sm90 runs on sm_90 GPUs only"
+    reason = resfuse._loader.extension.sm90_build_reason()
+    return None if reason is None else f"resfuse::conv_bn_act_sm90 is not in {reason}"
 
 
 def _igemm_problem(case, dtype, seed, batch=4):
@@ -933,12 +940,11 @@ def test_cuda_backend_takes_igemm_when_asked(monkeypatch):
 def test_cuda_backend_takes_sm90_when_asked(monkeypatch):
     """RESFUSE_CUDA_CONV=sm90 sends the cuda backend's eval convs to the CUTLASS Hopper kernel (one launch)."""
     import resfuse
-    from resfuse.ops.conv_bn_act import sm90_unusable_reason
 
     x, w, b, r, conv = _igemm_problem((64, 64, 3, 1, 14, 1), torch.bfloat16, seed=175)
-    reason = sm90_unusable_reason(x, w, r, 1)
+    reason = _sm90_reason()
     if reason is not None:
-        pytest.skip(f"resfuse::conv_bn_act_sm90 does not run here: {reason}")
+        pytest.skip(reason)
     run = lambda: resfuse.ops.conv_bn_act(x, w, b, r, 1, 1, 1, 1, True, backend="cuda")  # noqa: E731
     monkeypatch.setenv("RESFUSE_CUDA_CONV", "sm90")
     out = run()
@@ -946,3 +952,34 @@ def test_cuda_backend_takes_sm90_when_asked(monkeypatch):
     assert len(kernels) == 1 and "ConvUniversal" in kernels[0], kernels
     ref = _conv_epilogue(x.double(), w.double(), b.double(), r.double(), conv, True)
     assert rel_l2(out, ref) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["igemm", "sm90"])
+def test_a_named_kernel_that_cannot_run_says_why(monkeypatch, kernel):
+    """RESFUSE_CUDA_CONV=<kernel> never runs another implementation: a call the kernel does not take (fp32,
+    NCHW, grouped) raises, naming the variable and the reason."""
+    import resfuse
+
+    x, w, b, r, conv = _igemm_problem((24, 40, 3, 1, 9, 1), torch.bfloat16, seed=176)
+    monkeypatch.setenv("RESFUSE_CUDA_CONV", kernel)
+    with pytest.raises(RuntimeError, match=f"RESFUSE_CUDA_CONV={kernel}: .*does not take this call"):
+        resfuse.ops.conv_bn_act(x.float(), w.float(), b.float(), None, 1, 1, 1, 1, True, backend="cuda")
+
+
+@pytest.mark.cuda
+def test_the_default_cuda_conv_takes_a_correct_path_for_every_call(monkeypatch):
+    """Unset RESFUSE_CUDA_CONV: the cuda backend runs the Hopper kernel where it takes the call and ATen's conv
+    everywhere else, including what only CUTLASS or the 2^31 limit refuses, and never raises for a valid conv."""
+    import resfuse
+
+    monkeypatch.delenv("RESFUSE_CUDA_CONV", raising=False)
+    for case, dtype, layout in (((24, 40, 3, 1, 9, 1), torch.bfloat16, torch.channels_last),
+                                ((24, 40, 3, 1, 9, 1), torch.float32, torch.contiguous_format),
+                                ((6, 10, 3, 2, 9, 1), torch.float16, torch.channels_last)):
+        x, w, b, r, conv = _igemm_problem(case, dtype, seed=177)
+        x, r = x.contiguous(memory_format=layout), r.contiguous(memory_format=layout)
+        out = resfuse.ops.conv_bn_act(x, w, b, r, conv["stride"], conv["padding"], conv["dilation"], 1, True,
+                                      backend="cuda")
+        ref = _conv_epilogue(x.double(), w.double(), b.double(), r.double(), conv, True)
+        assert rel_l2(out, ref) <= 1e-2, (case, dtype)

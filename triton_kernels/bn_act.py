@@ -7,7 +7,7 @@ Fused math, per channel c, with n = N*H*W values per channel:
     running_mean <- (1 - momentum) * running_mean + momentum * mean                (in place)
     running_var  <- (1 - momentum) * running_var  + momentum * var * n / (n - 1)   (in place)
 Backward:
-    g = grad_out * (out > 0) if relu else grad_out          xhat = (x - mean) * invstd
+    g = (0 where out <= 0 else grad_out) if relu else grad_out      xhat = (x - mean) * invstd
     sum_g = sum(g)                                          sum_gx = sum(g * xhat)
     grad_input = (g - sum_g / n - xhat * sum_gx / n) * invstd * w
     grad_weight = sum_gx      grad_bias = sum_g      grad_residual = g
@@ -42,6 +42,7 @@ import triton.language as tl
 # The layout rule every resfuse op writes its output in (torch's suggest_memory_format, with a fast path for
 # dense 4-D tensors: each launch here asks it once or more).
 from ..layout import memory_format_of as suggest_memory_format
+from ._device import on_tensor_device
 from ._interpret import INTERPRETING
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ def _bn_stats_partial_kernel(x_ptr, cnt_ptr, pmean_ptr, pm2_ptr, counter_ptr,
     nf = n.to(ACC)
     t1 = tl.sum(s1, axis=0)
     mean = shift + t1 / nf
-    m2 = tl.maximum(tl.sum(s2, axis=0) - t1 * (t1 / nf), 0.0)
+    m2 = tl.sum(s2, axis=0) - t1 * (t1 / nf)
+    m2 = tl.where(m2 < 0, 0.0, m2)  # rounding can leave a tiny negative; NaN (Inf or NaN input) stays NaN
     poffs = pid_p.to(tl.int64) * C + cols
     # One count per program (it is the same for every channel), stored per channel block so that each block's
     # merge reads only what its own programs wrote.
@@ -282,7 +284,8 @@ def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, n_total, C, cols, cmask, eps
     n = (tl.zeros([BLOCK_C], dtype=ACC) + n_total).to(ACC)
     dm = tl.sum(a, axis=0) / n
     mean = ref + dm
-    m2 = tl.maximum(tl.sum(b, axis=0) - n * dm * dm, 0.0)
+    m2 = tl.sum(b, axis=0) - n * dm * dm
+    m2 = tl.where(m2 < 0, 0.0, m2)  # as above: NaN stays NaN
     var = m2 / n
     if ACC == tl.float64:
         invstd = 1.0 / tl.sqrt(var + eps)
@@ -338,11 +341,12 @@ def _bn_act_fwd_kernel(x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, res_p
 @triton.jit
 def _masked_grad(go_ptr, out_ptr, g_ptr, offs, mask, RELU: tl.constexpr, WRITE_G: tl.constexpr,
                  ACC: tl.constexpr):
-    """g = grad_out * (out > 0) (or grad_out without ReLU) of one tile; stored to g_ptr when WRITE_G."""
+    """g = grad_out masked by the ReLU (or grad_out without ReLU) of one tile; stored to g_ptr when WRITE_G.
+    `out <= 0` gives 0, as torch's threshold_backward: where the output is NaN the gradient passes."""
     g = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
     if RELU:
         o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)
     if WRITE_G:
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     return g
@@ -591,6 +595,7 @@ def _grad_elementwise(go, out, xc, mean, invstd, weight, sums, dx, g_out, lay, c
         num_warps=cfg.num_warps)
 
 
+@on_tensor_device
 def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                residual: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                running_var: Optional[torch.Tensor], momentum: float, eps: float, relu: bool):
@@ -637,6 +642,7 @@ def bn_act_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     return out, save_mean, save_invstd
 
 
+@on_tensor_device
 def bn_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], out: torch.Tensor,
                save_mean: torch.Tensor, save_invstd: torch.Tensor, relu: bool, output_mask):
     """Op _bn_act_backward: returns (grad_input, grad_weight, grad_bias, grad_residual).

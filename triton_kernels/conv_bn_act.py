@@ -46,7 +46,6 @@ plain asynchronous launch.  Under the interpreter there is a single tiny config 
 Offsets: image bases are int64 (N*H*W*C may pass 2^31); offsets inside one image and pixel indices are int32,
 which the launcher checks.
 """
-import contextlib
 import inspect
 from typing import Optional, Sequence, Union
 
@@ -54,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
 from ._interpret import INTERPRETING
 from .bn_act import _check_activation, suggest_memory_format
 
@@ -296,6 +296,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(KH * KW * Cg, C_out).contiguous()
 
 
+@on_tensor_device
 def conv_bn_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor], stride, padding, dilation, groups: int,
                     relu: bool) -> torch.Tensor:
@@ -377,16 +378,15 @@ def conv_bn_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]) * n_tiles,)
 
     kernel = _conv_bn_act_tuned_fp64 if fp64 else _conv_bn_act_tuned
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            xc, w, b if b is not None else w, res if res is not None else out, out,
-            N, H, W, C_in, OH, OW, C_out,
-            sh, sw, ph, pw, dh, dw,
-            groups, Cg, C_out // groups,
-            KH=KH, KW=KW,
-            HAS_BIAS=b is not None, HAS_RES=res is not None, RELU=bool(relu),
-            OUT_CL=fmt == torch.channels_last, IS_1X1=is_1x1, FLAT_K=flat_k, GROUPED=groups > 1,
-            CG_ALIGN=_pow2_divisor(Cg), COG_ALIGN=_pow2_divisor(C_out // groups), ACC=acc_tl,
-            DOT_PRECISION=_dot_precision(x.dtype), USE_INPUT_PRECISION=_DOT_HAS_INPUT_PRECISION,
-        )
+    kernel[grid](
+        xc, w, b if b is not None else w, res if res is not None else out, out,
+        N, H, W, C_in, OH, OW, C_out,
+        sh, sw, ph, pw, dh, dw,
+        groups, Cg, C_out // groups,
+        KH=KH, KW=KW,
+        HAS_BIAS=b is not None, HAS_RES=res is not None, RELU=bool(relu),
+        OUT_CL=fmt == torch.channels_last, IS_1X1=is_1x1, FLAT_K=flat_k, GROUPED=groups > 1,
+        CG_ALIGN=_pow2_divisor(Cg), COG_ALIGN=_pow2_divisor(C_out // groups), ACC=acc_tl,
+        DOT_PRECISION=_dot_precision(x.dtype), USE_INPUT_PRECISION=_DOT_HAS_INPUT_PRECISION,
+    )
     return out

@@ -13,6 +13,7 @@ deterministic partial merge), without it bn_act's elementwise gradient kernel wr
 """
 import torch
 
+from ._device import on_tensor_device
 from .bn_act import (
     _acc_dtypes,
     _check_activation,
@@ -26,6 +27,7 @@ from .bn_act import (
 )
 
 
+@on_tensor_device
 def conv_epilogue_bwd(grad_out: torch.Tensor, out: torch.Tensor, relu: bool, need_grad_bias: bool,
                       bias_dtype: torch.dtype = torch.float32):
     """(g, grad_bias): g = grad_out * (out > 0) if relu else grad_out, in out's dtype and suggested format;

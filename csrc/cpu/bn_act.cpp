@@ -6,7 +6,7 @@
 //   (evaluated as (x - mean)*scale + b: equal, and free of cancellation when |mean| >> std)
 //   running_mean/var (optional) updated in place; running_var uses the unbiased var*n/(n-1).
 // Backward:
-//   g = relu ? grad_out*(out > 0) : grad_out;  xhat = (x - mean)*invstd
+//   g = relu ? (out <= 0 ? 0 : grad_out) : grad_out;  xhat = (x - mean)*invstd
 //   sum_g[c] = sum g, sum_gx[c] = sum g*xhat   (one pass)
 //   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g;  grad_residual = g
 //
@@ -42,7 +42,8 @@ void batch_stats(const ChannelView& v, const scalar_t* x, std::vector<double>& m
   for (int64_t c = 0; c < C; ++c) {
     const double d_mean = sums[c] / n;
     mean[c] = pivot[c] + d_mean;
-    var[c] = std::max(0.0, sums[C + c] / n - d_mean * d_mean);
+    const double v = sums[C + c] / n - d_mean * d_mean;
+    var[c] = v < 0.0 ? 0.0 : v;  // rounding can leave a tiny negative; NaN (an Inf or NaN input) stays NaN
   }
 }
 
@@ -104,7 +105,8 @@ template <typename scalar_t>
 inline at::opmath_type<scalar_t> masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t g = static_cast<opmath_t>(grad_out[idx]);
-  return (out != nullptr && !(static_cast<opmath_t>(out[idx]) > opmath_t(0))) ? opmath_t(0) : g;
+  // `out <= 0`, as torch's threshold_backward: where the output is NaN the gradient passes.
+  return (out != nullptr && static_cast<opmath_t>(out[idx]) <= opmath_t(0)) ? opmath_t(0) : g;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(

@@ -2,7 +2,7 @@
 //
 // Forward:  out = act(conv2d(x, w) + bias[c] + residual). The convolution is ATen's (no bias); our part is the
 //           epilogue bias + residual + ReLU, one in-place pass over the fresh convolution output.
-// Backward: g = relu ? grad_out*(out > 0) : grad_out and grad_bias[c] = sum g in ONE fused pass;
+// Backward: g = relu ? (out <= 0 ? 0 : grad_out) : grad_out and grad_bias[c] = sum g in ONE fused pass;
 //           grad_residual = g; grad_input, grad_weight = at::convolution_backward(g, ...), laid out like
 //           input and weight.
 //
@@ -67,9 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_act_backward_
       const scalar_t* gp = go.data_ptr<scalar_t>();
       const scalar_t* op_ = relu ? o.data_ptr<scalar_t>() : nullptr;
       scalar_t* masked = relu ? g.data_ptr<scalar_t>() : nullptr;
-      // g = grad_out * (out > 0); `masked` is null when g is grad_out itself.
+      // g = grad_out masked by the ReLU; `masked` is null when g is grad_out itself.
       auto grad_at = [=](int64_t idx) {
-        const scalar_t gv = (op_ != nullptr && !(static_cast<opmath_t>(op_[idx]) > opmath_t(0))) ? scalar_t(0)
+        // `out <= 0`, as torch's threshold_backward: where the output is NaN the gradient passes.
+        const scalar_t gv = (op_ != nullptr && static_cast<opmath_t>(op_[idx]) <= opmath_t(0)) ? scalar_t(0)
                                                                                                  : gp[idx];
         if (masked != nullptr) {
           masked[idx] = gv;

@@ -9,7 +9,7 @@
 //   which also writes save_mean/save_invstd, scale and the running stats -> one elementwise pass writing `out`.
 //   No host synchronisation.
 // Backward:
-//   g = relu ? grad_out*(out > 0) : grad_out;  xhat = (x - mean)*invstd
+//   g = relu ? (out <= 0 ? 0 : grad_out) : grad_out;  xhat = (x - mean)*invstd
 //   sum_g[c] = sum g, sum_gx[c] = sum g*xhat (two-level reduction in one launch, one read of the inputs)
 //   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g;  grad_residual = g
 //
@@ -78,7 +78,8 @@ struct StatsFinalize {
 
   __device__ void operator()(int64_t c, const Welford<acc_t>& s) const {
     const acc_t mean = s.mean;
-    const acc_t var = s.m2 > acc_t(0) ? s.m2 / n : acc_t(0);
+    // Rounding can leave a tiny negative M2; NaN (an Inf or NaN input) must stay NaN, as in eager.
+    const acc_t var = s.m2 < acc_t(0) ? acc_t(0) : s.m2 / n;
     const acc_t invstd = acc_t(1) / sqrt(var + eps);
     save_mean[c] = mean;
     save_invstd[c] = invstd;
@@ -149,7 +150,7 @@ struct BackwardSumsVec {
 #pragma unroll
       for (int k = 0; k < kV; ++k) {
         const acc_t g0 = static_cast<acc_t>(gv[u].v[k]);
-        const acc_t g = (out != nullptr && !(static_cast<acc_t>(ov[u].v[k]) > acc_t(0))) ? acc_t(0) : g0;
+        const acc_t g = (out != nullptr && static_cast<acc_t>(ov[u].v[k]) <= acc_t(0)) ? acc_t(0) : g0;
         acc.a[k] += g;
         acc.b[k] += g * (static_cast<acc_t>(xv[u].v[k]) - l.mean[k]);
       }

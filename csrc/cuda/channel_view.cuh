@@ -708,11 +708,12 @@ void launch_affine_act(const ChannelView& v, const scalar_t* x, scalar_t* out, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// g = grad_out * (out > 0) when `out` is given (ReLU), else grad_out.
+// g = grad_out masked by the ReLU when `out` is given, else grad_out: `out <= 0` gives 0, as torch's
+// threshold_backward, so the gradient passes where the output is NaN.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
   const acc_t g = static_cast<acc_t>(grad_out[idx]);
-  return (out != nullptr && !(static_cast<acc_t>(out[idx]) > acc_t(0))) ? acc_t(0) : g;
+  return (out != nullptr && static_cast<acc_t>(out[idx]) <= acc_t(0)) ? acc_t(0) : g;
 }
 
 // Backward elementwise pass shared by both ops, with g = masked_grad(...):
@@ -793,7 +794,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) backward_elementwis
 #pragma unroll
       for (int k = 0; k < kV; ++k) {
         const acc_t g0 = static_cast<acc_t>(gin[u].v[k]);
-        const acc_t g = (out != nullptr && !(static_cast<acc_t>(oin[u].v[k]) > acc_t(0))) ? acc_t(0) : g0;
+        const acc_t g = (out != nullptr && static_cast<acc_t>(oin[u].v[k]) <= acc_t(0)) ? acc_t(0) : g0;
         gr.v[k] = static_cast<scalar_t>(g);
         if (grad_input != nullptr) {
           const int p = kP == 1 ? 0 : k;

@@ -1,18 +1,23 @@
 // CUDA kernels of resfuse::conv_bn_act and resfuse::_conv_bn_act_backward (eval-mode conv + folded BN).
 //
-// Forward:  out = act(conv2d(x, w) + bias[c] + residual). The convolution is ATen's (cuDNN, no bias); our part is
-//           the epilogue bias + residual + ReLU, one in-place elementwise pass over the fresh convolution output.
-// Backward: g = relu ? grad_out*(out > 0) : grad_out and grad_bias[c] = sum g in ONE fused pass (two-level
+// Forward:  out = act(conv2d(x, w) + bias[c] + residual), by the kernel csrc/cuda/conv_kernels.h's rule picks:
+//           on Hopper, when it takes the call, CUTLASS's convolution with the epilogue inside (one launch);
+//           otherwise ATen's convolution (cuDNN, no bias) and our epilogue bias + residual + ReLU, one in-place
+//           elementwise pass over the fresh convolution output.
+// Backward: g = relu ? (out <= 0 ? 0 : grad_out) : grad_out and grad_bias[c] = sum g in ONE fused pass (two-level
 //           per-channel reduction whose level-1 kernel also writes g); grad_residual = g;
 //           grad_input, grad_weight = at::convolution_backward(g, ...), laid out like input and weight.
 //
 // Layouts: the output is produced in the input's suggested memory format and processed through the
 // [outer, C, inner] view (csrc/common.h, csrc/cuda/channel_view.cuh), so NCHW and NHWC share the code.
 #include "channel_view.cuh"
+#include "conv_kernels.h"
 
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <torch/library.h>
+
+#include <string>
 
 namespace resfuse::cuda {
 namespace {
@@ -44,6 +49,22 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& input, const at::Tensor& weight, c
   check_conv_args(input, weight, stride, padding, dilation, groups, op);
   check_optional_per_channel(bias, weight.size(0), input, op, "bias");
   const c10::cuda::CUDAGuard guard(input.device());
+  switch (const ConvKernel kernel = cuda_conv_setting()) {
+    case ConvKernel::kSm90:
+    case ConvKernel::kIgemm: {
+      const std::string asked_by = std::string("RESFUSE_CUDA_CONV=") + conv_kernel_name(kernel);
+      return conv_bn_act_one_launch(kernel, asked_by.c_str(), input, weight, bias, residual, stride, padding,
+                                    dilation, groups, relu);
+    }
+    case ConvKernel::kAuto:
+      if (auto out = conv_bn_act_sm90_if_it_takes(input, weight, bias, residual, stride, padding, dilation, groups,
+                                                  relu)) {
+        return *out;
+      }
+      break;
+    case ConvKernel::kAten:
+      break;
+  }
   const auto format = input.suggest_memory_format();
   // at::convolution returns a fresh tensor, so the epilogue can run in place on it.
   at::Tensor out = at::convolution(input, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,

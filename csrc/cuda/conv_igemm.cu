@@ -9,9 +9,10 @@
 // accumulators; operands staged through shared memory by a two-stage cp.async pipeline whose zero-fill
 // supplies the padding; the epilogue goes through shared memory so that every global store is 16 bytes.
 // Scope: fp16 / bf16, channels_last input, groups == 1, Cin % 8 == 0 and Cout % 8 == 0 (a 16-byte vector then
-// never straddles a filter tap, a tile edge or the channel end), sm_80 or newer. conv_igemm_unsupported() names
-// what else is refused; the caller routes those calls to conv_bn_act (ATen's conv + our epilogue).
+// never straddles a filter tap, a tile edge or the channel end), sm_80 or newer. unusable_reason() names what
+// else is refused, for this kernel and the Hopper one: the one rule of csrc/cuda/conv_kernels.h.
 #include "channel_view.cuh"
+#include "conv_kernels.h"
 #include "conv_sm90.h"
 
 #include <cuda_bf16.h>
@@ -19,7 +20,10 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <cctype>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace resfuse::cuda {
 namespace {
@@ -219,23 +223,49 @@ int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
 }
 
-// Why neither implicit-GEMM kernel can run this call (nullptr: both can, hardware aside).
-const char* conv_igemm_unsupported(const at::Tensor& input, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& residual, int64_t groups) {
+// Why neither one-launch kernel can run this call (nullptr: both can, hardware and build aside).
+const char* one_launch_scope_reason(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   if (!input.is_cuda()) return "not a CUDA tensor";
   const auto dtype = input.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return "only float16 and bfloat16 inputs";
   if (groups != 1) return "grouped convolution";
   if (input.size(1) == 0) return "an input without channels";
+  if (weight.size(1) != input.size(1)) return "an input whose channels do not match the weight";
   if (!input.is_contiguous(at::MemoryFormat::ChannelsLast)) return "the input is not channels_last";
   if (input.size(1) % 8 != 0 || weight.size(0) % 8 != 0) return "channel counts that are not multiples of 8";
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   if (input.numel() > kMax || weight.numel() > kMax) return "tensors of 2^31 elements or more";
+  const int64_t oh = out_size(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+  const int64_t ow = out_size(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+  if (oh <= 0 || ow <= 0) return "an empty output";
+  if (input.size(0) * oh * ow * weight.size(0) > kMax) return "outputs of 2^31 elements or more";
   if (reinterpret_cast<std::uintptr_t>(input.data_ptr()) % 16 != 0) return "an input not aligned to 16 bytes";
   if (present(residual) && reinterpret_cast<std::uintptr_t>(residual->data_ptr()) % 16 != 0) {
     return "a residual not aligned to 16 bytes";
   }
   return nullptr;
+}
+
+const char* igemm_hardware_reason(const at::Tensor& input) {
+  return at::cuda::getDeviceProperties(input.get_device())->major < 8 ? "a GPU older than sm_80" : nullptr;
+}
+
+// Why the Hopper kernel (csrc/cuda/conv_sm90.cu) cannot run on this machine and build (nullptr: it can).
+const char* sm90_hardware_reason(const at::Tensor& input) {
+  if (const char* reason = conv_sm90_build_reason()) return reason;
+  return at::cuda::getDeviceProperties(input.get_device())->major != 9 ? "a GPU other than sm_90 (Hopper)"
+                                                                         : nullptr;
+}
+
+const char* unusable_reason(ConvKernel kernel, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  if (const char* reason = one_launch_scope_reason(input, weight, residual, stride, padding, dilation, groups)) {
+    return reason;
+  }
+  return kernel == ConvKernel::kSm90 ? sm90_hardware_reason(input) : igemm_hardware_reason(input);
 }
 
 // What both kernels take: the checked call, its output (NHWC) and its operands as dense NHWC / KRSC tensors.
@@ -244,26 +274,15 @@ struct IgemmCall {
   int64_t oh = 0, ow = 0;
 };
 
-IgemmCall prepare_igemm_call(const char* op, const char* hardware_reason, const at::Tensor& input,
-                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  check_conv_args(input, weight, stride, padding, dilation, groups, op);
-  check_optional_per_channel(bias, weight.size(0), input, op, "bias");
-  const char* reason = conv_igemm_unsupported(input, weight, residual, groups);
-  if (reason == nullptr) reason = hardware_reason;
-  TORCH_CHECK(reason == nullptr, op, ": this kernel does not take ", reason ? reason : "",
-              "; resfuse::conv_bn_act runs any convolution");
-  TORCH_CHECK(weight.size(1) == input.size(1), op, ": expected input with ", weight.size(1), " channels, got ",
-              input.size(1));
+// For a call unusable_reason accepted.
+IgemmCall prepare_igemm_call(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   IgemmCall call;
   call.oh = out_size(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
   call.ow = out_size(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
-  TORCH_CHECK(call.oh > 0 && call.ow > 0, op, ": the output would be empty (", call.oh, "x", call.ow, ")");
   call.out = at::empty({input.size(0), weight.size(0), call.oh, call.ow},
                        input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  check_conv_residual(residual, call.out, op);
-  TORCH_CHECK(call.out.numel() <= std::numeric_limits<int32_t>::max(), op, ": outputs of 2^31 elements or more");
   call.weight = weight.contiguous(at::MemoryFormat::ChannelsLast);  // OHWI (KRSC): contiguous in k
   if (reinterpret_cast<std::uintptr_t>(call.weight.data_ptr()) % 16 != 0) {
     call.weight = call.weight.clone(at::MemoryFormat::ChannelsLast);  // a view at an odd offset: the copy is aligned
@@ -273,19 +292,9 @@ IgemmCall prepare_igemm_call(const char* op, const char* hardware_reason, const 
   return call;
 }
 
-at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  int64_t groups, bool relu) {
-  const char* hardware = input.is_cuda() && at::cuda::getCurrentDeviceProperties()->major < 8
-                             ? "a GPU older than sm_80" : nullptr;
-  const IgemmCall call = prepare_igemm_call("resfuse::conv_bn_act_igemm", hardware, input, weight, bias, residual,
-                                            stride, padding, dilation, groups);
+void launch_igemm(const IgemmCall& call, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   const at::Tensor& out = call.out;
-  if (out.numel() == 0) {
-    return out;
-  }
-  const c10::cuda::CUDAGuard guard(input.device());
   const int64_t cin = input.size(1), kh = weight.size(2), kw = weight.size(3), cout = weight.size(0);
   IgemmShape s{};
   s.h = static_cast<int>(input.size(2));
@@ -317,29 +326,10 @@ at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& wei
     launch(at::BFloat16{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
-// Why the Hopper kernel (csrc/cuda/conv_sm90.cu) cannot run on this machine and build (nullptr: it can).
-const char* conv_sm90_hardware_reason(const at::Tensor& input) {
-  if (const char* reason = conv_sm90_build_reason()) return reason;
-  if (input.is_cuda() && at::cuda::getDeviceProperties(input.get_device())->major != 9) {
-    return "a GPU other than sm_90 (Hopper)";
-  }
-  return nullptr;
-}
-
-at::Tensor conv_bn_act_sm90_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, bool relu) {
-  constexpr const char* op = "resfuse::conv_bn_act_sm90";
-  const IgemmCall call = prepare_igemm_call(op, conv_sm90_hardware_reason(input), input, weight, bias, residual,
-                                            stride, padding, dilation, groups);
-  if (call.out.numel() == 0) {
-    return call.out;
-  }
-  const c10::cuda::CUDAGuard guard(input.device());
+ConvSm90Outcome launch_sm90(const IgemmCall& call, const at::Tensor& input, const at::Tensor& weight,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   ConvSm90Problem p{};
   p.n = static_cast<int>(input.size(0));
   p.h = static_cast<int>(input.size(2));
@@ -361,13 +351,112 @@ at::Tensor conv_bn_act_sm90_cuda(const at::Tensor& input, const at::Tensor& weig
   p.bias = call.bias.defined() ? call.bias.data_ptr() : nullptr;
   p.residual = call.residual.defined() ? call.residual.data_ptr() : nullptr;
   p.out = call.out.data_ptr();
-  const char* error = conv_sm90_run(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, op, ": ", error ? error : "");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return call.out;
+  const ConvSm90Outcome outcome = conv_sm90_run(p, at::cuda::getCurrentCUDAStream());
+  if (outcome.error == nullptr) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return outcome;
+}
+
+void check_one_launch_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  check_conv_args(input, weight, stride, padding, dilation, groups, op);
+  check_optional_per_channel(bias, weight.size(0), input, op, "bias");
+  if (present(residual)) {
+    const int64_t oh = out_size(input.size(2), weight.size(2), stride[0], padding[0], dilation[0]);
+    const int64_t ow = out_size(input.size(3), weight.size(3), stride[1], padding[1], dilation[1]);
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == input.size(0) && residual->size(1) == weight.size(0) &&
+                    residual->size(2) == oh && residual->size(3) == ow,
+                op, ": residual must have the same shape as the convolution output [", input.size(0), ", ",
+                weight.size(0), ", ", oh, ", ", ow, "], but got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type() && residual->device() == input.device(), op,
+                ": residual must have the input's dtype and device");
+  }
+}
+
+at::Tensor conv_bn_act_igemm_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, bool relu) {
+  return conv_bn_act_one_launch(ConvKernel::kIgemm, "resfuse::conv_bn_act_igemm", input, weight, bias, residual,
+                                stride, padding, dilation, groups, relu);
+}
+
+at::Tensor conv_bn_act_sm90_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, bool relu) {
+  return conv_bn_act_one_launch(ConvKernel::kSm90, "resfuse::conv_bn_act_sm90", input, weight, bias, residual,
+                                stride, padding, dilation, groups, relu);
 }
 
 }  // namespace
+
+ConvKernel cuda_conv_setting() {
+  const char* raw = std::getenv("RESFUSE_CUDA_CONV");
+  std::string name;
+  for (const char* c = raw != nullptr ? raw : ""; *c != '\0'; ++c) {
+    if (!std::isspace(static_cast<unsigned char>(*c))) name += static_cast<char>(std::tolower(*c));
+  }
+  if (name.empty() || name == "auto") return ConvKernel::kAuto;
+  if (name == "aten") return ConvKernel::kAten;
+  if (name == "igemm") return ConvKernel::kIgemm;
+  TORCH_CHECK(name == "sm90", "RESFUSE_CUDA_CONV=", raw, ": expected one of auto, aten, igemm, sm90 (or unset)");
+  return ConvKernel::kSm90;
+}
+
+std::string cuda_conv_setting_name() {
+  return conv_kernel_name(cuda_conv_setting());
+}
+
+const char* conv_kernel_name(ConvKernel kernel) {
+  switch (kernel) {
+    case ConvKernel::kAten: return "aten";
+    case ConvKernel::kIgemm: return "igemm";
+    case ConvKernel::kSm90: return "sm90";
+    default: return "auto";
+  }
+}
+
+at::Tensor conv_bn_act_one_launch(ConvKernel kernel, const char* asked_by, const at::Tensor& input,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const char* op = kernel == ConvKernel::kSm90 ? "resfuse::conv_bn_act_sm90" : "resfuse::conv_bn_act_igemm";
+  check_one_launch_args(asked_by, input, weight, bias, residual, stride, padding, dilation, groups);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const char* reason = unusable_reason(kernel, input, weight, residual, stride, padding, dilation, groups);
+  TORCH_CHECK(reason == nullptr, asked_by, ": ", op, " does not take this call (", reason ? reason : "",
+              "); resfuse::conv_bn_act, the cuda backend's default, runs any convolution");
+  const IgemmCall call = prepare_igemm_call(input, weight, bias, residual, stride, padding, dilation);
+  if (kernel == ConvKernel::kIgemm) {
+    launch_igemm(call, input, weight, stride, padding, dilation, relu);
+  } else {
+    const ConvSm90Outcome outcome = launch_sm90(call, input, weight, stride, padding, dilation, relu);
+    TORCH_CHECK(outcome.error == nullptr, asked_by, ": ", op, ": ", outcome.error ? outcome.error : "");
+  }
+  return call.out;
+}
+
+std::optional<at::Tensor> conv_bn_act_sm90_if_it_takes(const at::Tensor& input, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const std::optional<at::Tensor>& residual,
+                                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                                       at::IntArrayRef dilation, int64_t groups, bool relu) {
+  if (unusable_reason(ConvKernel::kSm90, input, weight, residual, stride, padding, dilation, groups) != nullptr) {
+    return std::nullopt;
+  }
+  const IgemmCall call = prepare_igemm_call(input, weight, bias, residual, stride, padding, dilation);
+  const ConvSm90Outcome outcome = launch_sm90(call, input, weight, stride, padding, dilation, relu);
+  if (outcome.error != nullptr && outcome.refused) {
+    return std::nullopt;  // CUTLASS refused before launching anything: the ATen route takes it
+  }
+  TORCH_CHECK(outcome.error == nullptr, "resfuse::conv_bn_act: ", outcome.error);
+  return call.out;
+}
+
 }  // namespace resfuse::cuda
 
 TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {

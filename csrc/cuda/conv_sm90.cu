@@ -70,7 +70,7 @@ struct HopperConv {
 };
 
 template <class Conv>
-const char* run(const ConvSm90Problem& p, cudaStream_t stream) {
+ConvSm90Outcome run(const ConvSm90Problem& p, cudaStream_t stream) {
   using Element = typename Conv::Mainloop::ElementA;
   using Kernel = typename Conv::Kernel;
   typename Conv::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {p.n, p.h, p.w, p.c}, {p.k, p.r, p.s, p.c},
@@ -99,18 +99,18 @@ const char* run(const ConvSm90Problem& p, cudaStream_t stream) {
 
   typename Conv::Device conv;
   if (conv.can_implement(args) != cutlass::Status::kSuccess) {
-    return "CUTLASS's Hopper convolution cannot implement this problem (TMA limits on its shape or strides)";
+    return {"CUTLASS's Hopper convolution cannot implement this problem (TMA limits on its shape or strides)", true};
   }
   if (Conv::Device::get_workspace_size(args) != 0) {
-    return "CUTLASS's Hopper convolution asked for a workspace";  // none for this kernel; never silently skipped
+    return {"CUTLASS's Hopper convolution asked for a workspace", true};  // none for this kernel
   }
   if (conv.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS's Hopper convolution could not be initialized (TMA descriptors)";
+    return {"CUTLASS's Hopper convolution could not be initialized (TMA descriptors)", true};
   }
   if (conv.run(stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS's Hopper convolution failed to launch";
+    return {"CUTLASS's Hopper convolution failed to launch", false};
   }
-  return nullptr;
+  return {nullptr, false};
 }
 
 // Three configurations, picked by the problem's shape from a sweep of twelve on an H100 over every
@@ -122,7 +122,7 @@ const char* run(const ConvSm90Problem& p, cudaStream_t stream) {
 //  - otherwise: 64 x 128 tiles, four stages (more blocks in flight for the short reductions).
 // The reduction tile is a nested shape (C's slice of K = R*S*C), as CUTLASS's conv mainloop expects.
 template <class Element>
-const char* run_for_dtype(const ConvSm90Problem& p, cudaStream_t stream) {
+ConvSm90Outcome run_for_dtype(const ConvSm90Problem& p, cudaStream_t stream) {
   if (p.k <= 64) {
     return run<HopperConv<Element, Shape<_128, _64, Shape<_64>>, Shape<_1, _1, _1>, 4>>(p, stream);
   }
@@ -134,14 +134,14 @@ const char* run_for_dtype(const ConvSm90Problem& p, cudaStream_t stream) {
 
 }  // namespace
 
-const char* conv_sm90_run(const ConvSm90Problem& p, cudaStream_t stream) {
+ConvSm90Outcome conv_sm90_run(const ConvSm90Problem& p, cudaStream_t stream) {
   return p.fp16 ? run_for_dtype<cutlass::half_t>(p, stream) : run_for_dtype<cutlass::bfloat16_t>(p, stream);
 }
 
 #else  // built without CUTLASS's headers
 
-const char* conv_sm90_run(const ConvSm90Problem&, cudaStream_t) {
-  return conv_sm90_build_reason();
+ConvSm90Outcome conv_sm90_run(const ConvSm90Problem&, cudaStream_t) {
+  return {conv_sm90_build_reason(), true};
 }
 
 #endif

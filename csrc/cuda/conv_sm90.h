@@ -26,8 +26,15 @@ struct ConvSm90Problem {
 // (RESFUSE_WITH_CUTLASS) or without an sm_90a target. The op checks it, and resfuse._C reports it to Python.
 const char* conv_sm90_build_reason();
 
-// Runs the convolution on `stream`. Returns nullptr on success, else why CUTLASS refused the problem (nothing
-// ran). Needs an sm_90 GPU and a build for sm_90a; the caller checks both.
-const char* conv_sm90_run(const ConvSm90Problem& problem, cudaStream_t stream);
+// What conv_sm90_run did: error == nullptr on success; otherwise `refused` tells whether CUTLASS refused the
+// problem before anything was launched (can_implement, a workspace, the TMA descriptors: the caller may take
+// another path) or the launch itself failed.
+struct ConvSm90Outcome {
+  const char* error;
+  bool refused;
+};
+
+// Runs the convolution on `stream`. Needs an sm_90 GPU and a build for sm_90a; the caller checks both.
+ConvSm90Outcome conv_sm90_run(const ConvSm90Problem& problem, cudaStream_t stream);
 
 }  // namespace resfuse::cuda

@@ -49,7 +49,7 @@ def bn_act_backward_differentiable(grad_out, input, weight, out, save_mean, save
     n = x.numel() // x.shape[1]
     g = grad_out.to(acc)
     if relu:
-        g = g * (out.detach() > 0)
+        g = torch.where(out.detach() <= 0, 0.0, g)  # threshold_backward's mask: NaN outputs pass g
     mean = x.mean(dims) if n > 0 else x.new_zeros(x.shape[1])  # an empty batch: nothing flows back
     xc = x - mean.view(1, -1, 1, 1)
     var = xc.square().mean(dims) if n > 0 else mean

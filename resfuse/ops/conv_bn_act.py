@@ -2,14 +2,14 @@
 
     out = act(conv2d(x, W') + b' [+ residual])
 
-Flavours: ``resfuse::conv_bn_act`` (C++), ``resfuse::conv_bn_act_igemm`` (CUDA) and
-``resfuse::conv_bn_act_triton``; backward ops ``resfuse::_conv_bn_act_backward`` (the first two) and
-``resfuse::_conv_bn_act_backward_triton``.
+Flavours: ``resfuse::conv_bn_act`` (C++), ``resfuse::conv_bn_act_igemm`` and ``resfuse::conv_bn_act_sm90``
+(CUDA, named one-launch kernels) and ``resfuse::conv_bn_act_triton``; backward ops
+``resfuse::_conv_bn_act_backward`` (the C++ ones) and ``resfuse::_conv_bn_act_backward_triton``.
 - Triton: one implicit-GEMM kernel over NHWC with the epilogue (bias, residual, ReLU) fused in.
-- C++: ATen's convolution (cuDNN / oneDNN), then one fused epilogue pass over its output; or, on GPUs, one
-  implicit-GEMM tensor-core kernel with the epilogue inside (one launch), picked by ``RESFUSE_CUDA_CONV``:
-  ``resfuse::conv_bn_act_sm90`` (Hopper: CUTLASS's TMA + wgmma convolution, csrc/cuda/conv_sm90.cu) or
-  ``resfuse::conv_bn_act_igemm`` (sm_80+: our WMMA kernel, csrc/cuda/conv_igemm.cu).
+- C++: on CPU, ATen's convolution (oneDNN), then one fused epilogue pass over its output. On GPUs the op's
+  CUDA kernel applies the one rule of csrc/cuda/conv_kernels.h (``RESFUSE_CUDA_CONV``): by default CUTLASS's
+  Hopper convolution with the epilogue inside (one launch, csrc/cuda/conv_sm90.cu) wherever it takes the call,
+  ATen's conv + the epilogue pass everywhere else; a kernel named by the variable runs, or raises why not.
 Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
 ``backend="auto"`` on a GPU measures, once per configuration, cuDNN's fused conv + bias (+ add) + ReLU
 (``cudnn_fused.py``, when no gradient is needed), the ``cuda`` and the ``triton`` conv, and runs the fastest
@@ -19,7 +19,6 @@ on an H100.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -65,7 +64,7 @@ def conv_bn_act_backward_differentiable(grad_out, input, weight, out, stride, pa
                                         output_mask):
     """The backward of conv_bn_act in torch ops, for create_graph=True: autograd records it (ATen's
     convolution_backward has its own derivative). The ReLU mask (from ``out``) is piecewise constant."""
-    g = grad_out * (out.detach() > 0) if relu else grad_out
+    g = torch.where(out.detach() <= 0, 0.0, grad_out) if relu else grad_out  # threshold_backward's mask
     grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
         g, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
         [bool(output_mask[0]), bool(output_mask[1]), False])
@@ -88,67 +87,10 @@ if _loader.extension is not None:
     _autograd.register_conv_bn_act("conv_bn_act_igemm", "_conv_bn_act_backward", backward_registered=True)
     _autograd.register_conv_bn_act("conv_bn_act_sm90", "_conv_bn_act_backward", backward_registered=True)
 
-CUDA_CONV_KERNELS = ("aten", "igemm", "sm90")
-
-
-def cuda_conv_kernel() -> str:
-    """The ``cuda`` backend's eval conv on GPUs, from ``RESFUSE_CUDA_CONV``: ``sm90`` (default:
-    ``resfuse::conv_bn_act_sm90``, one launch, on Hopper), ``igemm`` (our WMMA implicit-GEMM kernel with the
-    epilogue inside, ``resfuse::conv_bn_act_igemm``, sm_80+) or ``aten`` (ATen's conv, i.e. cuDNN, then our fused
-    epilogue pass). Calls the chosen kernel does not take run ``aten`` (see sm90_unusable_reason,
-    igemm_unusable_reason): other GPUs, channel counts that are not multiples of 8, fp32, NCHW, groups."""
-    name = os.environ.get("RESFUSE_CUDA_CONV", "sm90").strip().lower() or "sm90"
-    if name not in CUDA_CONV_KERNELS:
-        raise ValueError(f"RESFUSE_CUDA_CONV={name!r}: expected one of {', '.join(CUDA_CONV_KERNELS)}")
-    return name
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def igemm_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor], groups: int) -> Optional[str]:
-    """Why ``resfuse::conv_bn_act_igemm`` cannot take this call (None: it can); mirrors the kernel's own check
-    (csrc/cuda/conv_igemm.cu), which raises for what is named here."""
-    if not x.is_cuda:
-        return "not a CUDA tensor"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"{x.dtype} (the kernel takes float16 and bfloat16)"
-    if groups != 1:
-        return "a grouped convolution"
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return "an input that is not channels_last"
-    if x.shape[1] == 0 or x.shape[1] % 8 or weight.shape[0] % 8:
-        return "channel counts that are not multiples of 8"
-    if any(t is not None and t.data_ptr() % 16 for t in (x, residual)):
-        return "a tensor not aligned to 16 bytes"
-    if _capability(x.device)[0] < 8:
-        return "a GPU older than sm_80"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def sm90_build_reason() -> Optional[str]:
-    """Why this build holds no runnable resfuse::conv_bn_act_sm90 (None: it does): the extension's own answer,
-    the rule the op checks (csrc/cuda/conv_sm90.cu)."""
-    ext = _loader.extension
-    return "a build without the C++ extension" if ext is None else ext.sm90_build_reason()
-
-
-def sm90_unusable_reason(x: Tensor, weight: Tensor, residual: Optional[Tensor], groups: int) -> Optional[str]:
-    """Why ``resfuse::conv_bn_act_sm90`` cannot take this call (None: it can): igemm's scope, on an sm_90 GPU,
-    from a build that holds the kernel; mirrors the op's own check (csrc/cuda/conv_igemm.cu)."""
-    reason = igemm_unusable_reason(x, weight, residual, groups)
-    if reason is not None:
-        return reason
-    if _capability(x.device) != (9, 0):
-        return "a GPU other than sm_90 (Hopper)"
-    return sm90_build_reason()
-
-
-_UNUSABLE = {"igemm": igemm_unusable_reason, "sm90": sm90_unusable_reason}
-_CUDA_CONV_OPS = {"igemm": "conv_bn_act_igemm", "sm90": "conv_bn_act_sm90"}
+def cuda_conv_kernel() -> Optional[str]:
+    """``RESFUSE_CUDA_CONV`` as the CUDA kernels read it (csrc/cuda/conv_kernels.h): auto, aten, igemm or sm90;
+    None without them. An unknown name raises."""
+    return _loader.extension.cuda_conv_setting() if _loader.extension_has_cuda() else None
 
 
 def _pair(v) -> list[int]:
@@ -248,12 +190,5 @@ def _run_impl(impl: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], resi
               stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool) -> Tensor:
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    if impl == "triton":
-        op = torch.ops.resfuse.conv_bn_act_triton
-    else:
-        op = torch.ops.resfuse.conv_bn_act
-        if x.is_cuda:
-            kernel = cuda_conv_kernel()
-            if kernel != "aten" and _UNUSABLE[kernel](x, weight, residual, groups) is None:
-                op = getattr(torch.ops.resfuse, _CUDA_CONV_OPS[kernel])
+    op = torch.ops.resfuse.conv_bn_act_triton if impl == "triton" else torch.ops.resfuse.conv_bn_act
     return op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu))
