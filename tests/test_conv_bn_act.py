@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import backends_on, randn, rel_err, resfuse, skip_bf16_dot_under_interpreter
+from _helpers import backends_on, randn, rel_err, resfuse, skip_triton_bf16_under_interpreter
 
 CPU_BACKENDS = backends_on("cpu")
 # (input shape, weight shape, stride, padding, dilation, groups)
@@ -80,7 +80,7 @@ def test_forward_backward(backend, layout, conv, with_bias, with_residual, relu)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_twice_torch_error(backend, dtype):
-    skip_bf16_dot_under_interpreter(backend, dtype)
+    skip_triton_bf16_under_interpreter(backend, dtype)
     case = make_case(CONVS[0], "channels_last", True, True, True, dtype=dtype)
     exact = reference(**case)
     ours = resfuse.ops.conv_bn_act(**case, backend=backend)

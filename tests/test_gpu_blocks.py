@@ -43,10 +43,12 @@ def _within(ours, theirs, exact, what, floor):
     assert rel_err(ours, exact) <= 2 * rel_err(theirs, exact) + floor, what
 
 
-# Gradients through a ReLU see its mask flip wherever a half-precision output rounds across zero differently
-# (ours rounds once, eager rounds BN, add and ReLU separately), so they get a wider floor than outputs.
-OUT_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-3}
-GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# Small floors: in half precision eager's own error (~1e-3 fp16, ~1e-2 bf16) already makes the factor of 2 the
+# slack. Gradients through a ReLU see its mask flip wherever an output rounds across zero differently (ours
+# rounds once, eager rounds BN, add and ReLU separately), so they get a little more. Not yet run on a GPU at
+# these values.
+OUT_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 2e-4}
+GRAD_FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 2e-3}
 
 
 def _run(block, x, train, grad):
