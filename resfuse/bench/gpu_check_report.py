@@ -387,7 +387,8 @@ def render_plan(data: dict) -> str:
              "", f"Repository root: `{run['root']}`; pytest-xdist workers: {run['workers']}; CUTLASS wheels: "
              f"{run['cutlass_wheels'] or 'none given'}.", "", "## Steps", ""]
     for s in data["steps"]:
-        limit = f"at most {s['fixed_s']:.0f} s" if s.get("fixed_s") else f"{s['share']:.0%} of the time left when it starts"
+        limit = (f"at most {s['fixed_s']:.0f} s" if s.get("fixed_s")
+                 else f"{s['share']:.0%} of the time left when it starts")
         lines.append(f"- **{s['name']}** ({limit}): {s['what']}")
         for c in s["commands"]:
             env = "".join(f"{k}={v} " for k, v in c["env"].items())
