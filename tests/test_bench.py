@@ -18,9 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from resfuse.bench import cases, cli, counting, report, shapes, timing
 
-# the names RESULTS.md allows
+# the names RESULTS.md allows, and the torch.compile compositions of issue 18 (resfuse under torch.compile, and
+# both under Inductor's CUDA graphs)
 RESULT_PROVIDERS = {"eager", "compile", "compile_freezing", "cudnn_fused", "resfuse_cuda", "resfuse_triton",
-                    "resfuse_auto"}
+                    "resfuse_auto", "resfuse_compile", "compile_cudagraphs", "resfuse_compile_cudagraphs"}
 META_KEYS = {"gpu", "torch", "triton", "cuda", "cudnn", "resfuse", "date", "command"}
 RECORD_KEYS = {"bench", "mode", "stage", "N", "C", "H", "W", "stride", "dtype", "layout", "provider", "median_ms",
                "rel_err"}
@@ -62,6 +63,9 @@ def test_json_schema(run):
     assert {"basicblock", "conv_bn_act", "bn_act"} <= benches
     if HAS_TORCHVISION:
         assert "model:resnet18" in benches
+        # a whole model's resfuse rows say what convert() fused in it
+        converted = [r for r in records if r["bench"] == "model:resnet18" and r["provider"].startswith("resfuse_")]
+        assert converted and all("8 blocks fused" in r["convert"] for r in converted)
     for r in records:
         assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
         assert r["provider"] in RESULT_PROVIDERS
@@ -332,6 +336,102 @@ def test_compile_freezing_compiles_with_freezing_and_compile_without(monkeypatch
     finally:
         frozen.close()
         plain.close()
+
+
+HAS_EXTENSION_OPS = "cuda" in cases._backend.available_backends("cpu")
+
+
+@pytest.mark.skipif(not HAS_EXTENSION_OPS, reason="resfuse_compile needs the C++ extension's CPU kernels here")
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_resfuse_compile_keeps_resfuse_ops_inside_inductor_code(mode):
+    """torch.compile over the converted block: Inductor's generated code calls resfuse's registered ops (they
+    stay opaque; a provider that compiled the eager block would call none) and agrees with the reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    small = shapes.BlockShape("basicblock", 4, 16, 16, 1, 5, False)
+    problem = cases.make_problem("basicblock", small, mode, 2, "cpu", "fp32")
+    runner = cases.make_runner(problem, "resfuse_compile")
+    try:
+        assert runner.compiles and runner.backend == "cuda"  # auto on CPU tensors: the extension's kernels
+        outputs, code = run_and_get_code(runner.step)
+        called = set(re.findall(r"torch\.ops\.resfuse\.(\w+)", "\n".join(code)))
+        assert called, "no resfuse op in Inductor's code: the compiled module was not the converted one"
+        assert cases.rel_err(outputs, problem.reference()) < 1e-5
+        assert cases.rel_err(runner.step(), problem.reference()) < 1e-5  # the compiled code, called again
+    finally:
+        runner.close()
+
+
+def test_cudagraph_providers_are_gpu_only():
+    problem = cases.make_problem("conv_bn_act", shapes.ActShape(1, 8, 5), "eval", 2, "cpu", "fp32")
+    for provider in cases.CUDAGRAPHS:
+        assert "CUDA graphs need a CUDA GPU" in cases.provider_unavailable(problem, provider)
+        with pytest.raises(cases.Unavailable):
+            cases.make_runner(problem, provider)
+
+
+def test_cudagraph_provider_refuses_to_run_without_graphs(monkeypatch):
+    """Inductor runs mode="reduce-overhead" without CUDA graphs where it cannot record them (on CPU tensors, as
+    here, it always does so, counting a skip). The provider must then fail, not time an ordinary compiled
+    graph under the CUDA-graph name."""
+    monkeypatch.setattr(cases, "provider_unavailable", lambda problem, provider: None)
+    problem = cases.make_problem("conv_bn_act", shapes.ActShape(1, 8, 5), "eval", 2, "cpu", "fp32")
+    runner = cases.make_runner(problem, "compile_cudagraphs")
+    try:
+        with pytest.raises(RuntimeError, match="skipped CUDA graphs"):
+            runner.step()
+    finally:
+        runner.close()
+
+
+def test_cudagraph_step_returns_copies_while_it_checks():
+    """A CUDA-graph replay overwrites the previous replay's outputs: the first calls (the compared outputs among
+    them) hand back copies; later calls pass the step's outputs through untouched."""
+    out = torch.ones(3)
+    step = cases._cudagraph_step(lambda: [out, None])
+    for _ in range(cases.CUDAGRAPH_CHECKED_CALLS):
+        first = step()
+        assert first[1] is None and first[0].data_ptr() != out.data_ptr()
+        torch.testing.assert_close(first[0], out)
+    assert step()[0] is out
+
+
+def test_convert_that_fuses_nothing_is_unavailable():
+    """A resfuse provider on a model in which resfuse.convert() recognises no block would time eager PyTorch
+    under a resfuse name: it is unavailable instead, with what convert() said."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with pytest.raises(cases.Unavailable, match="fused nothing"):
+        cases._convert(model, "auto")
+    problem = cases.make_problem("basicblock", shapes.BlockShape("basicblock", 4, 8, 8, 1, 5, False), "eval", 2,
+                                 "cpu", "fp32")
+    _, said = cases._convert(copy.deepcopy(problem.master), "auto")
+    assert "1 block fused" in said
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
+def test_timm_models_in_the_models_bench():
+    """timm:<name> builds the timm model with random weights (no download) and is timed whole; cuDNN's fused
+    model is torchvision-only; resfuse providers run what convert() fuses in it, or are unavailable."""
+    cases.check_model_name("timm:resnet50d")
+    for bad in ("timm:no_such_model", "vgg16"):
+        with pytest.raises(ValueError):
+            cases.check_model_name(bad)
+    args = cli.parse_args(["--device", "cpu", "--models", "resnet18,timm:resnet50d"])
+    assert [(i.shape, i.mode) for i in cli.plan(args) if i.bench == "model"] == \
+        [("resnet18", "eval"), ("resnet18", "train"), ("timm:resnet50d", "eval"), ("timm:resnet50d", "train")]
+    problem = cases.make_problem("model", "timm:resnet50d", "eval", 2, "cpu", "fp32", resolution=32)
+    assert problem.bench == "model:timm:resnet50d" and type(problem.master).__module__.startswith("timm.")
+    assert "torchvision" in cases.provider_unavailable(problem, "cudnn_fused")
+    eager = cases.make_runner(problem, "eager")
+    assert cases.rel_err(eager.step(), problem.reference()) < 1e-6
+    if HAS_EXTENSION_OPS:
+        try:
+            runner = cases.make_runner(problem, "resfuse_cuda")
+        except cases.Unavailable as exc:
+            assert "fused nothing" in str(exc)
+        else:
+            assert "fused" in runner.converted
+            assert cases.rel_err(runner.step(), problem.reference()) < 1e-4
 
 
 def test_round_robin_interleaves_the_providers():

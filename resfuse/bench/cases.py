@@ -9,19 +9,23 @@ Benches (the ``bench`` field of a record):
   its weight and bias (the fold is done once, outside the timed region, as resfuse's modules cache it).
 - ``bn_act`` (train): training-mode BN + residual + ReLU, forward and backward.
 - ``basicblock``, ``bottleneck``: one block (``resfuse.nn.eager_blocks``, torchvision's), eval and train.
-- ``model:<name>``: a whole torchvision ResNet: eval is one no-grad forward, train one step (forward,
-  cross-entropy, backward, SGD step).
+- ``model:<name>``: a whole torchvision ResNet (``resnet18``...) or a timm model (``timm:resnet50d``, built by
+  ``timm.create_model(name, pretrained=False)``: random weights, nothing downloaded): eval is one no-grad
+  forward, train one step (forward, cross-entropy, backward, SGD step).
 
 Providers (RESULTS.md): ``eager``, ``compile`` (torch.compile, default mode), ``compile_freezing`` (eval;
 inductor's ``freezing`` under no_grad), ``cudnn_fused`` (eval, CUDA: BN folded, then
 ``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``), ``resfuse_cuda``,
-``resfuse_triton``, ``resfuse_auto``. A provider that cannot run a problem raises ``Unavailable`` with the
-reason; nothing is ever replaced by something else.
+``resfuse_triton``, ``resfuse_auto``, ``resfuse_compile`` (torch.compile over the converted module: resfuse's
+ops stay opaque, Inductor fuses what is around them), ``compile_cudagraphs`` and ``resfuse_compile_cudagraphs``
+(the same two with ``mode="reduce-overhead"``: Inductor's CUDA graphs, GPU only). A provider that cannot run a
+problem raises ``Unavailable`` with the reason; nothing is ever replaced by something else.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -38,8 +42,16 @@ from . import counting
 from .shapes import ActShape, BlockShape, MODEL_LAYERS
 
 PROVIDERS = ("eager", "compile", "compile_freezing", "cudnn_fused", "resfuse_cuda", "resfuse_triton",
-             "resfuse_auto")
-COMPILED = ("compile", "compile_freezing")
+             "resfuse_auto", "resfuse_compile", "compile_cudagraphs", "resfuse_compile_cudagraphs")
+# the providers that run torch.compile (their first call compiles; a comparison holding one resets dynamo)
+COMPILED = ("compile", "compile_freezing", "resfuse_compile", "compile_cudagraphs", "resfuse_compile_cudagraphs")
+# torch.compile(mode="reduce-overhead"): Inductor records CUDA graphs and replays them
+CUDAGRAPHS = ("compile_cudagraphs", "resfuse_compile_cudagraphs")
+# torch.compile over resfuse.convert()'s module, and the backend its ops take. Under tracing ``auto`` measures
+# nothing and applies its fixed rules (ops/autoselect.py): what a user gets from torch.compile(convert(model)).
+RESFUSE_COMPILED = ("resfuse_compile", "resfuse_compile_cudagraphs")
+RESFUSE_COMPILE_BACKEND = "auto"
+TIMM_PREFIX = "timm:"
 BENCHES = ("conv_bn_act", "bn_act", "basicblock", "bottleneck", "model")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -304,13 +316,32 @@ def _block_module(shape: BlockShape) -> nn.Module:
     return cls(shape.inplanes, shape.planes, shape.stride, downsample)
 
 
-def _torchvision_model(name: str) -> nn.Module:
+def check_model_name(name: str) -> None:
+    """Raise ValueError (a message a user understands) unless ``name`` is a model the models bench can build:
+    a torchvision ResNet of the shape table, or ``timm:<name>`` of a model timm knows."""
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except Exception as exc:  # an optional dependency
+            raise ValueError(f"{name}: timm is not importable ({exc})") from None
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise ValueError(f"{name}: timm has no model {name[len(TIMM_PREFIX):]!r}")
+        return
+    if name not in MODEL_LAYERS:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_LAYERS)} or timm:<name>")
+
+
+def _model(name: str) -> nn.Module:
+    """A whole model with random weights (nothing is downloaded)."""
+    check_model_name(name)
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(name[len(TIMM_PREFIX):], pretrained=False, num_classes=NUM_CLASSES)
     try:
         from torchvision import models
     except Exception as exc:  # an optional dependency
         raise Unavailable(f"torchvision is not importable ({exc})") from None
-    if name not in MODEL_LAYERS:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_LAYERS)}")
     return getattr(models, name)(weights=None, num_classes=NUM_CLASSES)
 
 
@@ -352,7 +383,7 @@ def make_problem(bench: str, shape: Any, mode: str, batch: int, device: torch.de
         nbytes = counting.block_bytes(shape, batch, itemsize, train)
         out_shape = (batch, shape.out_channels, shape.out_size, shape.out_size)
     else:
-        master = _torchvision_model(shape)
+        master = _model(shape)
         inputs = (_randn((batch, 3, resolution, resolution), seed, device, fmt),)
         kind, stage, stride, c, c_out, h = "model", f"{resolution}px", None, 3, NUM_CLASSES, resolution
         count = counting.count_model(master, resolution)
@@ -383,6 +414,7 @@ class Runner:
     compiles: bool = False  # its first call compiles or autotunes (compile_s is reported)
     keep: Any = None  # what the step closes over, released by close()
     describe: Optional[Callable[[], str]] = None  # the backend label, known only once the step has run
+    converted: Optional[str] = None  # what resfuse.convert() said it fused and left (whole models)
 
     def close(self) -> None:
         self.keep = None
@@ -422,6 +454,36 @@ def _make_step(problem: Problem, fn: Callable, inputs: tuple, grad_out: Optional
     return step_train
 
 
+# the first calls of a CUDA-graph provider: compilation (forward, then backward) and the first recordings, when
+# Inductor decides whether it can use CUDA graphs at all
+CUDAGRAPH_CHECKED_CALLS = 3
+
+
+def _cudagraph_step(step: Callable[[], list]) -> Callable[[], list]:
+    """``step`` as a CUDA-graph provider must run it. Each call begins a new iteration for Inductor's CUDA graph
+    trees, whose outputs live in memory that the next replay overwrites: the first calls return copies (the
+    outputs compared with the reference are the first call's). Where Inductor decides to run without CUDA
+    graphs (it counts a skip), the call raises: timing that as ``*_cudagraphs`` would pretend to a fast path
+    that did not run."""
+    from torch._dynamo.utils import counters
+
+    calls = 0
+
+    def run() -> list:
+        nonlocal calls
+        torch.compiler.cudagraph_mark_step_begin()
+        if calls >= CUDAGRAPH_CHECKED_CALLS:
+            return step()
+        skips = counters["inductor"]["cudagraph_skips"]
+        outputs = step()
+        if counters["inductor"]["cudagraph_skips"] > skips:
+            raise RuntimeError("Inductor skipped CUDA graphs for this problem, so mode='reduce-overhead' ran "
+                               "without them (TORCH_LOGS=cudagraphs says why)")
+        calls += 1
+        return [None if t is None else t.clone() for t in outputs]
+    return run
+
+
 def resfuse_unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why ``resfuse_<backend>`` is not timed on ``device`` (None: it is)."""
     if backend == "triton" and device.type != "cuda":
@@ -440,7 +502,11 @@ def provider_unavailable(problem: Problem, provider: str) -> Optional[str]:
         raise ValueError(f"unknown provider {provider!r}: expected one of {', '.join(PROVIDERS)}")
     if provider == "compile_freezing" and problem.train:
         return "freezing is an inference transform (eval under no_grad): no train mode"
+    if provider in CUDAGRAPHS and problem.device.type != "cuda":
+        return "CUDA graphs need a CUDA GPU"
     if provider == "cudnn_fused":
+        if problem.bench.startswith("model:" + TIMM_PREFIX):
+            return "the cuDNN-fused model is wired for torchvision's ResNet layout only"
         if problem.device.type != "cuda":
             return "cuDNN's fused convolutions need a CUDA GPU"
         if problem.train:
@@ -449,9 +515,34 @@ def provider_unavailable(problem: Problem, provider: str) -> Optional[str]:
             return "no convolution to fuse into"
         if not torch.backends.cudnn.is_available():
             return "cuDNN is not available"
+    if provider in RESFUSE_COMPILED:
+        return resfuse_unavailable(RESFUSE_COMPILE_BACKEND, problem.device)
     if provider.startswith("resfuse_"):
         return resfuse_unavailable(provider[len("resfuse_"):], problem.device)
     return None
+
+
+def _convert(module: nn.Module, backend: str) -> tuple[nn.Module, str]:
+    """``resfuse.convert(module)`` and what it said it did. A module in which it fused nothing raises
+    ``Unavailable``: timing it would time eager PyTorch under a resfuse name."""
+    from ..nn import convert
+    from ..nn.convert import ConversionWarning
+
+    classes = {id(m): type(m) for m in module.modules()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(module, backend=backend)
+    said = []
+    for w in caught:
+        if issubclass(w.category, ConversionWarning):
+            said.append(str(w.message))
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    report = "; ".join(said)
+    # convert() re-classes modules in place (or swaps in new ones): anything whose class changed was fused
+    if all(classes.get(id(m)) is type(m) for m in module.modules()):
+        raise Unavailable(f"resfuse.convert() fused nothing in this model ({report})")
+    return module, report
 
 
 def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) -> Runner:
@@ -468,17 +559,19 @@ def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) ->
                    for t in problem.inputs)
     grad_out = None if problem.grad_out is None else problem.grad_out.to(problem.dtype)
     params = [p for p in module.parameters() if p.requires_grad]
-    backend, compiles, describe = None, False, None
+    backend, compiles, describe, converted = None, False, None, None
+    # reduce-overhead: Inductor's CUDA graphs (default mode otherwise)
+    mode = "reduce-overhead" if provider in CUDAGRAPHS else None
     fn: Callable = module
-    if provider in COMPILED:
-        if reset_compiler:  # a fresh cache: no reuse of another problem's graph, no automatic dynamic shapes
-            torch._dynamo.reset()
-        if provider == "compile_freezing":
-            # options that differ from plain compile's make dynamo keep a cache entry per provider: with the same
-            # backend, a deepcopy of the module passes the other runner's guards and reuses its graph
-            fn = _FreezingOnFirstCall(torch.compile(module, dynamic=False, options={"freezing": True}))
-        else:
-            fn = torch.compile(module, dynamic=False)
+    if provider in COMPILED and reset_compiler:  # a fresh cache: no reuse of another problem's graph, no
+        torch._dynamo.reset()  # automatic dynamic shapes
+    if provider == "compile_freezing":
+        # options that differ from plain compile's make dynamo keep a cache entry per provider: with the same
+        # backend, a deepcopy of the module passes the other runner's guards and reuses its graph
+        fn = _FreezingOnFirstCall(torch.compile(module, dynamic=False, options={"freezing": True}))
+        compiles = True
+    elif provider in ("compile", "compile_cudagraphs"):
+        fn = torch.compile(module, dynamic=False, mode=mode)
         compiles = True
     elif provider == "cudnn_fused":
         if problem.kind == "op":
@@ -494,24 +587,33 @@ def make_runner(problem: Problem, provider: str, reset_compiler: bool = True) ->
         except RuntimeError as exc:
             raise Unavailable(f"cuDNN cannot run the fused convolution here: {str(exc).splitlines()[0]}") from None
     elif provider.startswith("resfuse_"):
-        name = provider[len("resfuse_"):]
+        compiled = provider in RESFUSE_COMPILED
+        name = RESFUSE_COMPILE_BACKEND if compiled else provider[len("resfuse_"):]
         backend = _backend.resolve_backend(name, problem.device)
         compiles = backend == "triton"
         if name == "auto" and _autoselect.device_measurable(problem.device):
-            # auto measures its candidates on the first call of each configuration (ops/autoselect.py): the
-            # record names what it chose, read after the run
-            _autoselect.clear_auto_choices()
-            describe, compiles = _auto_chosen, True
+            if compiled:  # traced: auto's fixed rules are in the graph, nothing is measured
+                backend = "auto: fixed rule"
+            else:
+                # auto measures its candidates on the first call of each configuration (ops/autoselect.py): the
+                # record names what it chose, read after the run
+                _autoselect.clear_auto_choices()
+                describe, compiles = _auto_chosen, True
         if problem.bench == "conv_bn_act":
             fn = _ResfuseConvBNAct(module, name)
         elif problem.bench == "bn_act":
             fn = _ResfuseBNAct(module, name)
         else:
-            from ..nn import convert
-
-            fn = convert(module, backend=name)
+            fn, said = _convert(module, name)
+            converted = said if problem.kind == "model" else None
+        if compiled:
+            fn = torch.compile(fn, dynamic=False, mode=mode)
+            compiles = True
     step = _make_step(problem, fn, inputs, grad_out, problem.target, params)
-    return Runner(provider, step, backend, compiles, keep=(module, fn, inputs), describe=describe)
+    if provider in CUDAGRAPHS:
+        step = _cudagraph_step(step)
+    return Runner(provider, step, backend, compiles, keep=(module, fn, inputs), describe=describe,
+                  converted=converted)
 
 
 def _auto_chosen() -> str:

@@ -26,10 +26,8 @@ BENCH_CHOICES = ("conv_bn_act", "bn_act", "basicblock", "bottleneck", "models")
 PROVIDER_ALIASES = {"cuda": "resfuse_cuda", "triton": "resfuse_triton", "auto": "resfuse_auto",
                     "freezing": "compile_freezing", "cudnn": "cudnn_fused"}
 CPU_PRESET_LEFT_OUT = {
-    "compile": "not in the CPU preset: torch.compile takes minutes to compile on a small CPU "
-               "(name it in --providers, or use --full)",
-    "compile_freezing": "not in the CPU preset: torch.compile takes minutes to compile on a small CPU "
-                        "(name it in --providers, or use --full)",
+    p: "not in the CPU preset: torch.compile takes minutes to compile on a small CPU (name it in --providers, or "
+       "use --full)" for p in cases.COMPILED
 }
 
 DESCRIPTION = """\
@@ -74,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(C64_H56, C256_H56_down). Default: all; without --full only identity blocks unless a _down "
                    "stage is named")
     p.add_argument("--models", default=None,
-                   help="comma-separated torchvision models to time whole (" + ", ".join(shapes.MODELS) +
-                   "); adds the models bench")
+                   help="comma-separated models to time whole: torchvision's " + ", ".join(shapes.MODELS) +
+                   " or timm:<name> (e.g. timm:resnet50d; random weights); adds the models bench")
     p.add_argument("--batch", type=int, default=None, help="N of the ops and blocks (default: 128 GPU, 2 CPU)")
     p.add_argument("--model-batch", type=int, default=None, help="batch of the models (default: 256 GPU, 2 CPU)")
     p.add_argument("--resolution", type=int, default=None, help="models' input size (default: 224 GPU, 64 CPU)")
@@ -118,8 +116,7 @@ def resolve(args: argparse.Namespace) -> None:
 
     models = _split(args.models)
     for m in models:
-        if m not in shapes.MODELS:
-            raise ValueError(f"unknown model {m!r}: expected one of {', '.join(shapes.MODELS)}")
+        cases.check_model_name(m)
     benches = _split(args.bench)
     for b in benches:
         if b not in BENCH_CHOICES:
@@ -261,6 +258,8 @@ def make_record(problem: cases.Problem, provider: str, result: timing.Timing, er
     })
     if problem.kind == "model":
         record["img_s"] = _sig(problem.n / seconds)
+    if runner.converted:
+        record["convert"] = runner.converted
     return record
 
 

@@ -15,7 +15,7 @@ from .records import PROVIDER_ORDER, row_label, speedups
 from .report import _providers, _sections
 
 _COLORS = {p: c for p, c in zip(PROVIDER_ORDER, ("#555555", "#1f77b4", "#17becf", "#9467bd", "#d62728",
-                                                 "#ff7f0e", "#2ca02c"))}
+                                                 "#ff7f0e", "#2ca02c", "#8c564b", "#aec7e8", "#e377c2"))}
 _MARKERS = {"conv_bn_act": "s", "bn_act": "v", "basicblock": "o", "bottleneck": "D", "models": "*"}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+import traceback
 from typing import Optional
 
 import torch
@@ -89,7 +90,11 @@ def _cpu_op_profile(step, iters: int, top: int) -> None:
               f"x{e.count // iters:<3d} {e.key[:90]}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+SHORT_NAMES = {"cuda": "resfuse_cuda", "triton": "resfuse_triton", "auto": "resfuse_auto"}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The profile's arguments, checked (stages and provider names) without a GPU."""
     p = argparse.ArgumentParser(prog="python -m resfuse.bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--bench", default="basicblock", choices=[b for b in cases.BENCHES])
     p.add_argument("--stages", default="C64_H56", help="comma-separated stage names (or a model name)")
@@ -104,36 +109,63 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cpu-ops", action="store_true",
                    help="also list the ATen/custom ops by host time (torch.profiler, backward's thread included)")
     args = p.parse_args(argv)
+    args.shapes = [_shape(args.bench, stage) for stage in args.stages.split(",")]
+    args.provider_names = [SHORT_NAMES.get(name, name) for name in args.providers.split(",")]
+    for name in args.provider_names:
+        if name not in cases.PROVIDERS:
+            p.error(f"unknown provider {name!r}: expected one of {', '.join(cases.PROVIDERS)}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the profile reads GPU kernel times: it needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True
-    short = {"cuda": "resfuse_cuda", "triton": "resfuse_triton", "auto": "resfuse_auto"}
-    for stage in args.stages.split(","):
-        problem = cases.make_problem(args.bench, _shape(args.bench, stage), args.mode, args.batch, "cuda",
-                                     args.dtype, args.layout)
-        for name in args.providers.split(","):
-            provider = short.get(name, name)
+    failed = 0
+    for stage, shape in zip(args.stages.split(","), args.shapes):
+        problem = cases.make_problem(args.bench, shape, args.mode, args.batch, "cuda", args.dtype, args.layout)
+        for provider in args.provider_names:
+            where = label(problem.bench, args.mode, stage, args.batch, args.dtype, provider)
             try:
                 runner = cases.make_runner(problem, provider)
             except cases.Unavailable as exc:
-                print(f"\n{problem.bench} {args.mode} {stage} {provider}: skipped ({exc})")
+                print(f"\n{where}: skipped ({exc})")
                 continue
-            for _ in range(3):  # compilation, autotuning, cuDNN's algorithm search
-                runner.step()
-            rows, wall_ms = kernel_table(runner.step, args.iters)
-            gpu_ms = sum(r[1] for r in rows) / 1e3
-            launches = sum(r[2] for r in rows)
-            print(f"\n{problem.bench} {args.mode} {stage} N={args.batch} {args.dtype} {provider}: "
-                  f"kernels {gpu_ms:.3f} ms in {launches} launches, wall {wall_ms:.3f} ms per iteration")
-            for kname, us, count in rows[: args.top]:
-                print(f"  {us:9.1f} us  x{count:<3d} {kname[:110]}")
-            if args.host:
-                _host_profile(runner.step, args.iters, args.top)
-            if args.cpu_ops:
-                _cpu_op_profile(runner.step, args.iters, args.top)
-            runner.close()
+            try:  # one provider's failure is reported, and the others are still profiled
+                _profile_provider(runner, where, args)
+            except Exception as exc:
+                failed += 1
+                print(f"\n{where}: FAILED {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+                traceback.print_exc()
+            finally:
+                runner.close()
         problem.free()
-    return 0
+    return 1 if failed else 0
+
+
+def label(bench: str, mode: str, stage: str, batch: int, dtype: str, provider: str) -> str:
+    return f"{bench} {mode} {stage} N={batch} {dtype} {provider}"
+
+
+def summary_line(where: str, kernels_ms: float, launches: int, wall_ms: float) -> str:
+    """One provider's line (``python -m resfuse.bench.gpu_check`` reads these back into its summary)."""
+    return f"{where}: kernels {kernels_ms:.3f} ms in {launches} launches, wall {wall_ms:.3f} ms per iteration"
+
+
+def _profile_provider(runner: cases.Runner, where: str, args: argparse.Namespace) -> None:
+    for _ in range(3):  # compilation, autotuning, cuDNN's algorithm search
+        runner.step()
+    rows, wall_ms = kernel_table(runner.step, args.iters)
+    gpu_ms = sum(r[1] for r in rows) / 1e3
+    launches = sum(r[2] for r in rows)
+    print("\n" + summary_line(where, gpu_ms, launches, wall_ms))
+    for kname, us, count in rows[: args.top]:
+        print(f"  {us:9.1f} us  x{count:<3d} {kname[:110]}")
+    if args.host:
+        _host_profile(runner.step, args.iters, args.top)
+    if args.cpu_ops:
+        _cpu_op_profile(runner.step, args.iters, args.top)
 
 
 if __name__ == "__main__":

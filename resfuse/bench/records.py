@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 PROVIDER_ORDER = ("eager", "compile", "compile_freezing", "cudnn_fused", "resfuse_cuda", "resfuse_triton",
-                  "resfuse_auto")
+                  "resfuse_auto", "resfuse_compile", "compile_cudagraphs", "resfuse_compile_cudagraphs")
 
 
 def comparison_key(r: dict) -> tuple:
