@@ -53,6 +53,10 @@ TORCH_LIBRARY(resfuse, m) {
   m.def(
       "_bn_eval_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor out, Tensor running_mean, "
       "Tensor running_var, float eps, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The eval-mode BN fold into the conv before it, (W', b') in one pass, no autograd (csrc/fold_bn.h).
+  m.def(
+      "_fold_bn(Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, float eps, ScalarType dtype, str layout) -> (Tensor, Tensor)");
 }
 
 namespace {

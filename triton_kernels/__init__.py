@@ -7,6 +7,7 @@ conv_epilogue_bwd (conv_epilogue.py): the epilogue's backward, before ATen's con
     (_conv_bn_act_backward_triton).
 bn_eval_act_fwd / bn_eval_act_bwd (bn_eval_act.py): eval-mode BatchNorm + residual + ReLU (ops bn_eval_act_triton
     and _bn_eval_act_backward_triton).
+fold_bn_fwd (fold_bn.py): the eval-mode BN fold into the conv weight and bias, one launch (_fold_bn_triton).
 Set TRITON_INTERPRET=1 before importing this package to run the kernels on CPU tensors (INTERPRETING says which).
 """
 from ._interpret import INTERPRETING
@@ -14,6 +15,7 @@ from .bn_act import LaunchConfig, bn_act_bwd, bn_act_fwd, launch_config, reducti
 from .conv_bn_act import conv_bn_act_fwd
 from .conv_epilogue import conv_epilogue_bwd
 from .bn_eval_act import bn_eval_act_bwd, bn_eval_act_fwd
+from .fold_bn import fold_bn_fwd
 
 __all__ = [
     "INTERPRETING",
@@ -23,6 +25,7 @@ __all__ = [
     "conv_epilogue_bwd",
     "bn_eval_act_fwd",
     "bn_eval_act_bwd",
+    "fold_bn_fwd",
     "launch_config",
     "reduction_config",
     "LaunchConfig",
