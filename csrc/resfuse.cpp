@@ -46,6 +46,18 @@ TORCH_LIBRARY(resfuse, m) {
       "_conv_bn_act_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor out, SymInt[2] stride, "
       "SymInt[2] padding, SymInt[2] dilation, SymInt groups, bool relu, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Eval-mode BatchNorm (running statistics) + optional residual + optional ReLU, one pass; the running
+  // statistics are buffers: read, never updated, no gradient.
+  m.def(
+      "bn_eval_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor running_mean, "
+      "Tensor running_var, float eps, bool relu) -> Tensor");
+  m.def(
+      "_bn_eval_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor out, Tensor running_mean, "
+      "Tensor running_var, float eps, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The eval-mode BN fold into the conv before it, (W', b') in one pass, no autograd (csrc/fold_bn.h).
+  m.def(
+      "_fold_bn(Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
+      "Tensor running_var, float eps, ScalarType dtype, str layout) -> (Tensor, Tensor)");
 }
 
 namespace {

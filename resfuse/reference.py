@@ -115,3 +115,28 @@ def fold_bn_ref(
         shift = shift + bn_bias.to(acc)
     folded_weight = (conv_weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)
     return folded_weight, shift.to(conv_weight.dtype)
+
+
+def bn_eval_act_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    """Eval-mode BatchNorm (normalised by the running statistics, which are left as they are), + residual,
+    + ReLU: act((x - running_mean) * rsqrt(running_var + eps) * weight + bias [+ residual])."""
+    acc = _acc_dtype(x)
+    y = (x.to(acc) - _channel(running_mean.to(acc))) * _channel(torch.rsqrt(running_var.to(acc) + eps))
+    if weight is not None:
+        y = y * _channel(weight.to(acc))
+    if bias is not None:
+        y = y + _channel(bias.to(acc))
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))

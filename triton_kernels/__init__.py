@@ -5,12 +5,17 @@ bn_act_fwd / bn_act_bwd (bn_act.py): training-mode BatchNorm + residual + ReLU (
 conv_bn_act_fwd (conv_bn_act.py): implicit-GEMM conv with the bias + residual + ReLU epilogue (conv_bn_act_triton).
 conv_epilogue_bwd (conv_epilogue.py): the epilogue's backward, before ATen's conv backward
     (_conv_bn_act_backward_triton).
+bn_eval_act_fwd / bn_eval_act_bwd (bn_eval_act.py): eval-mode BatchNorm + residual + ReLU (ops bn_eval_act_triton
+    and _bn_eval_act_backward_triton).
+fold_bn_fwd (fold_bn.py): the eval-mode BN fold into the conv weight and bias, one launch (_fold_bn_triton).
 Set TRITON_INTERPRET=1 before importing this package to run the kernels on CPU tensors (INTERPRETING says which).
 """
 from ._interpret import INTERPRETING
 from .bn_act import LaunchConfig, bn_act_bwd, bn_act_fwd, launch_config, reduction_config
 from .conv_bn_act import conv_bn_act_fwd
 from .conv_epilogue import conv_epilogue_bwd
+from .bn_eval_act import bn_eval_act_bwd, bn_eval_act_fwd
+from .fold_bn import fold_bn_fwd
 
 __all__ = [
     "INTERPRETING",
@@ -18,6 +23,9 @@ __all__ = [
     "bn_act_fwd",
     "bn_act_bwd",
     "conv_epilogue_bwd",
+    "bn_eval_act_fwd",
+    "bn_eval_act_bwd",
+    "fold_bn_fwd",
     "launch_config",
     "reduction_config",
     "LaunchConfig",

@@ -214,3 +214,44 @@ def register_conv_bn_act(name: str, backward_name: str, backward_registered: boo
                 gr if mask[3] else None, None, None, None, None, None)
 
     _register_autograd_kernel(name, setup_context, backward)
+
+
+def register_bn_eval_act(name: str, backward_name: str) -> None:
+    """Fake kernels + autograd for one bn_eval_act flavour (``resfuse::<name>`` and its backward op); the autograd
+    kernel only where csrc/bn_eval_act_autograd.cpp did not register the same formula. The running statistics
+    are buffers: never differentiated, and an error when they require grad (as for F.batch_norm)."""
+    backward_op = getattr(torch.ops.resfuse, backward_name).default
+
+    @torch.library.register_fake(f"resfuse::{name}", lib=_lib)
+    def _fake(input, weight, bias, residual, running_mean, running_var, eps, relu):
+        return empty_activation(input)
+
+    @torch.library.register_fake(f"resfuse::{backward_name}", lib=_lib)
+    def _fake_backward(grad_out, input, weight, out, running_mean, running_var, eps, relu, output_mask):
+        param_dtype = weight.dtype if weight is not None else torch.float32
+        return grads_like(input, param_dtype, output_mask)
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, residual, running_mean, running_var, eps, relu = inputs
+        for stat_name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+            if stat.requires_grad:
+                raise RuntimeError(f"resfuse::{name} is not differentiable with respect to {stat_name} (a "
+                                   "BatchNorm buffer): it cannot require grad")
+        ctx.save_for_backward(input, weight, output, running_mean, running_var)
+        ctx.eps, ctx.relu = eps, relu
+        ctx.has_bias = bias is not None
+        ctx.has_residual = residual is not None
+
+    def backward(ctx, grad_out):
+        input, weight, out, running_mean, running_var = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2],
+                ctx.has_residual and needs[3]]
+        if not any(mask):
+            return (None,) * 8
+        gi, gw, gb, gr = call_backward(backward_op, grad_out.contiguous(memory_format=memory_format_of(out)),
+                                       input, weight, out, running_mean, running_var, ctx.eps, ctx.relu, mask)
+        return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+                gr if mask[3] else None, None, None, None, None)
+
+    _register_autograd_kernel(name, setup_context, backward)
