@@ -198,6 +198,26 @@ def test_gradcheck_and_gradgradcheck_float64(backend, relu):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("relu", [True, False])
+def test_create_graph_gradients_and_penalty_match_eager(backend, relu):
+    """create_graph=True runs the differentiable backward (gradgradcheck only checks it against itself): its
+    first-order gradients, and the gradients of a penalty on them, are eager's."""
+    case = make_case((2, 3, 4, 3), "channels_last", (True, True, relu), dtype=torch.float64, requires_grad=True)
+    out = call(case, backend)
+    expected, leaves = eager(case)
+    grad = randn(2, 3, 4, 3, dtype=torch.float64, seed=9)
+    ours = torch.autograd.grad(out, [case[n] for n in GRAD_NAMES], grad, create_graph=True)
+    theirs = torch.autograd.grad(expected, [leaves[n] for n in GRAD_NAMES], grad, create_graph=True)
+    for name, a, e in zip(GRAD_NAMES, ours, theirs):
+        torch.testing.assert_close(a, e, msg=lambda m: f"{name}: {m}")
+    # d/d(x, weight) of the penalty; no ReLU-free path leaves a second derivative in bias or residual
+    penalty, eager_penalty = (sum((g * g).sum() for g in grads) for grads in (ours, theirs))
+    for name, a, e in zip(("x", "weight"), torch.autograd.grad(penalty, [case["x"], case["weight"]]),
+                          torch.autograd.grad(eager_penalty, [leaves["x"], leaves["weight"]])):
+        torch.testing.assert_close(a, e, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradgradcheck_larger_without_affine(backend):
     """A larger Jacobian (fast mode) and no affine parameters: the second derivative through x alone."""
     case = make_case((3, 5, 4, 3), "channels_last", (False, False, True), dtype=torch.float64, requires_grad=True)

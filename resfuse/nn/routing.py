@@ -32,6 +32,7 @@ from ..layout import memory_format_of
 from ..ops._autograd import conv_output_shape, grad_needed
 from ..ops._checks import check_activation, check_matches
 from ..ops.bn_act import run_bn_act
+from ..ops.bn_eval_act import run_bn_eval_act
 from ..ops.conv_bn_act import run_conv_bn_act
 from .fold import fold_bn_differentiable, gemm_layout
 
@@ -192,6 +193,20 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
+def _folded_weight(x: Tensor, conv: nn.Conv2d, bn: nn.Module, impl: str, amp_dtype: Optional[torch.dtype]
+                   ) -> tuple[Tensor, Tensor]:
+    """(W', b') for the one-launch conv kernels, in the layout the conv reads: made on every call (fold.py says
+    why). Without autograd one launch makes both; when autograd records the call, torch ops that it sees."""
+    layout = "gemm" if impl == "triton" else (
+        "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous")
+    if not grad_needed(conv.weight, conv.bias, bn.weight, bn.bias):
+        return ops.fold_bn(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                           dtype=amp_dtype, layout=layout, impl=impl)
+    weight, bias = fold_bn_differentiable(conv, bn, dtype=amp_dtype)
+    weight = gemm_layout(weight) if layout == "gemm" else weight.contiguous(memory_format=memory_format_of(x))
+    return weight, bias
+
+
 def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool,
                       route: Route) -> Tensor:
     """``act(bn(conv(x)) + residual)`` as fused ops, for modules ``modules_reason`` accepted, an input already
@@ -213,9 +228,15 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
             bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
             momentum, bn.eps, relu, impl, requested,
         )
-    for_gemm = impl == "triton"
-    weight, bias = fold_bn_differentiable(conv, bn, dtype=amp_dtype)
-    weight = gemm_layout(weight) if for_gemm else weight.contiguous(memory_format=memory_format_of(x))
+    if x.device.type == "cpu" and impl == "cuda":
+        # On CPU nothing needs the fold: ATen's conv on the raw weight, then BN from the running statistics,
+        # the residual and the ReLU in one pass: eager's own order of operations.
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        if residual is not None and residual.dtype != y.dtype:
+            residual = residual.to(y.dtype)
+        return run_bn_eval_act(y, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var, bn.eps, relu,
+                               impl)
+    weight, bias = _folded_weight(x, conv, bn, impl, amp_dtype)
     if amp_dtype is not None:
         x = x.to(amp_dtype)
         residual = residual.to(amp_dtype) if residual is not None else None
