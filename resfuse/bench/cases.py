@@ -216,6 +216,14 @@ class _CudnnConvBNAct:
 # problems
 
 
+# The 2x rule's floor per bench dtype: what it tolerates where eager's own error is near zero (a step whose sums
+# happen to be exact), about one rounding of the dtype. In train mode a pre-activation within a rounding of zero
+# can fall on the other side of the ReLU in any two computations, which zeroes or keeps its whole gradient: a
+# few such elements among millions give ~1e-3 on a gradient's norm, whoever computes it.
+ACCURACY_FLOOR = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 4e-3}
+RELU_KINK_FLOOR = 2e-3
+
+
 @dataclass
 class Problem:
     """One comparison: every provider runs these inputs and is checked against ``reference()``."""
@@ -240,6 +248,8 @@ class Problem:
     grad_out: Optional[Tensor] = None  # fp32 output gradient (train mode of ops and blocks)
     target: Optional[Tensor] = None  # labels (train mode of models)
     _reference: Optional[list] = field(default=None, repr=False)
+    _reference64: Optional[list] = field(default=None, repr=False)
+    _eager_err: Optional[float] = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -266,10 +276,34 @@ class Problem:
             del module
         return self._reference
 
+    def reference64(self) -> list:
+        """The same step in float64 on the same device: the truth the 2x rule measures every provider against."""
+        if self._reference64 is None:
+            module = copy.deepcopy(self.master).double().train(self.train)
+            inputs = tuple(t.detach().double().requires_grad_(self.train and self.kind != "model")
+                           for t in self.inputs)
+            grad_out = None if self.grad_out is None else self.grad_out.double()
+            step = _make_step(self, module, inputs, grad_out, self.target)
+            self._reference64 = [t.detach() for t in step()]
+            del module
+        return self._reference64
+
+    def accuracy_limit(self) -> float:
+        """The largest rel_err against ``reference64()`` a provider may have: twice eager's own at the bench's
+        dtype (the house's 2x rule), plus a floor for where eager happens to be exact."""
+        if self._eager_err is None:
+            eager = make_runner(self, "eager")
+            try:
+                self._eager_err = rel_err(eager.step(), self.reference64())
+            finally:
+                eager.close()
+        floor = max(ACCURACY_FLOOR[self.dtype_name], RELU_KINK_FLOOR if self.train else 0.0)
+        return 2 * self._eager_err + floor
+
     def free(self) -> None:
         self.master = None
         self.inputs = ()
-        self.grad_out = self.target = self._reference = None
+        self.grad_out = self.target = self._reference = self._reference64 = None
 
 
 @contextlib.contextmanager

@@ -240,7 +240,7 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 def make_record(problem: cases.Problem, provider: str, result: timing.Timing, err: Optional[float],
-                ceilings: timing.Ceilings, runner: cases.Runner) -> dict:
+                ceilings: timing.Ceilings, runner: cases.Runner, limit: Optional[float] = None) -> dict:
     ms = result.median_ms
     seconds = ms * 1e-3
     t_compute = problem.flops / (ceilings.matmul_tflops * 1e12)
@@ -248,6 +248,7 @@ def make_record(problem: cases.Problem, provider: str, result: timing.Timing, er
     record = problem.base_record()
     record.update({
         "provider": provider, "median_ms": _sig(ms), "rel_err": None if err is None else _sig(err, 3),
+        "max_rel_err": None if limit is None else _sig(limit, 3),
         "flops": problem.flops, "bytes": problem.bytes,
         "tflops": _sig(problem.flops / seconds / 1e12), "gbps": _sig(problem.bytes / seconds / 1e9),
         "bound": "compute" if t_compute >= t_memory else "memory",
@@ -392,7 +393,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         try:
             problem = cases.make_problem(item.bench, item.shape, item.mode, item.batch, device, args.dtype,
                                          args.layout, args.resolution)
-            expected = problem.reference()
+            expected, limit = problem.reference64(), problem.accuracy_limit()
         except Unavailable as exc:
             for provider in args.provider_names:
                 data["skipped"].append({**where(item), "provider": provider, "reason": str(exc)})
@@ -430,7 +431,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 runner = runners[provider]
                 if runner.describe is not None:
                     runner.backend = runner.describe()
-                data["records"].append(make_record(problem, provider, result, err, ceilings, runner))
+                data["records"].append(make_record(problem, provider, result, err, ceilings, runner, limit))
+                if err is None or not err <= limit:  # a NaN error fails too
+                    data["failed"].append({**where(item), "provider": provider,
+                                           "error": f"wrong numbers: rel_err {err} against float64, more than "
+                                                    f"twice eager's own error allows ({limit:.3g})"})
         finally:
             for runner in runners.values():
                 runner.close()
@@ -487,7 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\n".join(f"  {f['bench']} {f['mode']} {f['stage']} {f['provider']}: {f['error']}"
                         for f in data["failed"]))
     print(f"\n{data['meta']['wall_s']:.0f} s in all; speedups against eager in the same run, rel_err against "
-          "the fp32 eager reference, roofline: time at the measured ceilings / measured time")
+          "the same step in float64, roofline: time at the measured ceilings / measured time")
     if data["path"]:
         from . import report
 

@@ -60,8 +60,9 @@ def render_markdown(json_path: str) -> str:
         lines.append(f"- ceilings measured in this run: copy {ceilings['copy_gbps']:.0f} GB/s, "
                      f"matmul {ceilings['matmul_tflops']:.3g} TFLOP/s ({ceilings['matmul_dtype']})")
     lines += ["", "Median of timed repetitions after warm-up; speedup = eager's median / the provider's, timed in "
-              "the same run; rel_err = ||out - ref|| / ||ref|| against the fp32 eager reference on the same input "
-              "(train: the largest over the output and the input gradients; models: the logits); roofline = the "
+              "the same run; rel_err = ||out - ref|| / ||ref|| against the same step in float64 on the same input "
+              "(train: the largest over the output and the input gradients; models: the logits), which may be at "
+              "most twice eager's own plus a floor (files from before this rule compared with fp32 eager); roofline = the "
               "time the measured ceilings allow for the row's FLOPs and bytes / the measured time; peak MiB = the "
               "most one call allocates on the GPU above what is resident before it (files from before this "
               "column show '-'); compile s = the first call (compilation, autotuning). Method: "
