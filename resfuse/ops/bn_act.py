@@ -21,6 +21,7 @@ from ..reference import bn_act_ref
 from . import _autograd, autoselect
 from ._checks import check_activation, check_channel_vector, check_like
 from .backend import requested_backend, resolve_backend, unavailable_reason
+from .sync_bn_act import group_size, sync_bn_act
 
 _SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
            "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)")
@@ -90,12 +91,19 @@ def bn_act(
     eps: float = 1e-5,
     relu: bool = True,
     backend: Optional[str] = None,
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> Tensor:
     """BatchNorm over (N, H, W) with batch statistics, then ``+ residual`` and ReLU, in one fused op.
 
     ``running_mean``/``running_var``, when given, are updated in place like nn.BatchNorm2d in training mode
     (``momentum`` is the exponential-average factor; pass ``1 / num_batches_tracked`` for momentum=None).
+    ``process_group``: the statistics are those of the batches of all its ranks, as nn.SyncBatchNorm's in
+    training (sync_bn_act.py; every rank must make the call). A group of one rank is the same as none.
     """
+    if process_group is not None and group_size(process_group) > 1:
+        impl = resolve_backend(requested_backend(backend), x.device)
+        return sync_bn_act(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, process_group,
+                           impl)
     _check_args(x, weight, bias, residual, running_mean, running_var)
     requested = requested_backend(backend)
     impl = _measured_if_auto(requested, resolve_backend(requested, x.device), x, weight, bias, residual,
