@@ -158,3 +158,50 @@ def test_one_collective_each_way_and_no_host_sync(gang, input_grad):
             synced = [n for n in forward + backward if n in ("aten._local_scalar_dense", "aten.nonzero",
                                                              "aten.item")]
             assert not synced, synced
+
+
+def _compiled_step(rank, world_size):
+    """bn_act(process_group=...) eager and under torch.compile(fullgraph=True) (AOT autograd, graphs recorded):
+    max differences of out, grad x, grad weight, running_mean, and the ops of the forward and backward graphs."""
+    import torch._dynamo as dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    case = global_case(sum(BATCHES[world_size]), seed=3)
+    lo = sum(BATCHES[world_size][:rank])
+    x = case["x"][lo:lo + BATCHES[world_size][rank]]
+
+    def run(fn):
+        xs, w, b = x.clone().requires_grad_(), case["weight"].clone().requires_grad_(), case["bias"].clone()
+        rm, rv = case["running_mean"].clone(), case["running_var"].clone()
+        out = fn(xs, w, b, rm, rv)
+        out.backward(torch.ones_like(out))
+        return out.detach(), xs.grad, w.grad, rm
+
+    def step(xs, w, b, rm, rv):
+        return resfuse.ops.bn_act(xs, w, b, None, rm, rv, MOMENTUM, EPS, relu=True, process_group=dist.group.WORLD)
+
+    dynamo.reset()
+    eager = run(step)
+    compiled = run(torch.compile(step, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=recorder("forward"),
+                                                      bw_compiler=recorder("backward"))))
+    return [float((a - c).abs().max()) for a, c in zip(eager, compiled)], graphs
+
+
+def test_torch_compile_traces_one_graph_with_functional_collectives(gang):
+    """fullgraph=True: no graph break; the collectives are in the compiled forward and backward graphs."""
+    if gang.world_size != 2:
+        pytest.skip("tracing does not depend on the world size; compiling costs ~30 s per gang")
+    for differences, graphs in gang.run(_compiled_step):
+        assert differences == [0.0] * 4, differences
+        assert any("all_gather_into_tensor" in op for op in graphs["forward"]), graphs["forward"]
+        assert any("all_reduce" in op for op in graphs["backward"]), graphs["backward"]
