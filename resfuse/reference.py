@@ -129,17 +129,8 @@ def bn_eval_act_ref(
 ) -> Tensor:
     """Eval-mode BatchNorm (normalised by the running statistics, which are left as they are), + residual,
     + ReLU: act((x - running_mean) * rsqrt(running_var + eps) * weight + bias [+ residual])."""
-    acc = _acc_dtype(x)
-    y = (x.to(acc) - _channel(running_mean.to(acc))) * _channel(torch.rsqrt(running_var.to(acc) + eps))
-    if weight is not None:
-        y = y * _channel(weight.to(acc))
-    if bias is not None:
-        y = y + _channel(bias.to(acc))
-    if residual is not None:
-        y = y + residual.to(acc)
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))
+    invstd = torch.rsqrt(running_var.to(_acc_dtype(x)) + eps)
+    return bn_act_apply_ref(x, running_mean, invstd, weight, bias, residual, relu)
 
 
 # bn_act's passes one at a time, as synchronised BatchNorm runs them (resfuse/ops/sync_bn_act.py): the local

@@ -19,9 +19,8 @@ from .. import _loader
 from ..layout import memory_format_of, stats_dtype
 from ..reference import bn_act_ref
 from . import _autograd, autoselect
-from ._checks import check_activation, check_channel_vector, check_like
 from .backend import requested_backend, resolve_backend, unavailable_reason
-from .sync_bn_act import group_size, sync_bn_act
+from .sync_bn_act import check_sync_args, group_size, sync_bn_act
 
 _SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
            "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)")
@@ -112,13 +111,7 @@ def bn_act(
 
 
 def _check_args(x, weight, bias, residual, running_mean, running_var) -> None:
-    check_activation(x)
-    check_like(x, residual, "residual")
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_channel_vector(x, v, name)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
+    check_sync_args(x, weight, bias, residual, running_mean, running_var)
     _check_values_per_channel(x)
 
 
