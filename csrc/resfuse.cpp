@@ -28,6 +28,24 @@ TORCH_LIBRARY(resfuse, m) {
   m.def(
       "_bn_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor out, Tensor save_mean, "
       "Tensor save_invstd, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // bn_act's passes one at a time, for BatchNorm synchronised over a process group (resfuse/ops/sync_bn_act.py:
+  // the collectives run between them). Local statistics packed for one all-gather: [mean | M2 | count], 2C + 1
+  // values in float64 whatever the input (M2: sum of squared deviations from the local mean; the merge
+  // subtracts the ranks' means, whose fp32 rounding would be large next to the std when |mean| >> std).
+  m.def("_bn_stats(Tensor input) -> Tensor");
+  // The apply pass with given statistics: act((x - mean) * invstd * weight + bias [+ residual]).
+  m.def(
+      "_bn_act_apply(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "bool relu) -> Tensor");
+  // Local gradient sums for one all-reduce: [sum g | sum g * xhat], 2C values, g the ReLU-masked grad_out.
+  m.def(
+      "_bn_act_backward_reduce(Tensor grad_out, Tensor input, Tensor out, Tensor mean, Tensor invstd, "
+      "bool relu) -> Tensor");
+  // grad_input = (g - grad_means[:C] - xhat * grad_means[C:]) * invstd * weight and grad_residual = g, where
+  // grad_means are the global sums divided by the global count.
+  m.def(
+      "_bn_act_backward_elemt(Tensor grad_out, Tensor input, Tensor? weight, Tensor out, Tensor mean, "
+      "Tensor invstd, Tensor grad_means, bool relu, bool[2] output_mask) -> (Tensor, Tensor)");
   // Eval-mode convolution with BatchNorm folded into weight/bias + optional residual + optional ReLU.
   m.def(
       "conv_bn_act(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, "

@@ -129,8 +129,32 @@ def bn_eval_act_ref(
 ) -> Tensor:
     """Eval-mode BatchNorm (normalised by the running statistics, which are left as they are), + residual,
     + ReLU: act((x - running_mean) * rsqrt(running_var + eps) * weight + bias [+ residual])."""
+    invstd = torch.rsqrt(running_var.to(_acc_dtype(x)) + eps)
+    return bn_act_apply_ref(x, running_mean, invstd, weight, bias, residual, relu)
+
+
+# bn_act's passes one at a time, as synchronised BatchNorm runs them (resfuse/ops/sync_bn_act.py): the local
+# statistics, the apply pass with given statistics, and the backward's local sums and elementwise pass.
+
+
+def bn_stats_ref(x: Tensor) -> Tensor:
+    """Local statistics packed for one all-gather: [mean | M2 | count] (2C + 1 values, float64 for every input),
+    M2 the sum of squared deviations from the local mean. An empty batch gives zeros, count 0 included."""
+    c = x.shape[1]
+    n = x.numel() // max(c, 1)
+    if n == 0:
+        return x.new_zeros(2 * c + 1, dtype=torch.float64)
+    xf = x.detach().to(torch.float64)
+    mean = xf.mean(dim=(0, 2, 3))
+    m2 = (xf - _channel(mean)).square().sum(dim=(0, 2, 3))
+    return torch.cat([mean, m2, mean.new_full((1,), float(n))])
+
+
+def bn_act_apply_ref(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     residual: Optional[Tensor], relu: bool) -> Tensor:
+    """act((x - mean) * invstd * weight + bias [+ residual]) with the statistics given."""
     acc = _acc_dtype(x)
-    y = (x.to(acc) - _channel(running_mean.to(acc))) * _channel(torch.rsqrt(running_var.to(acc) + eps))
+    y = (x.to(acc) - _channel(mean.to(acc))) * _channel(invstd.to(acc))
     if weight is not None:
         y = y * _channel(weight.to(acc))
     if bias is not None:
@@ -140,3 +164,41 @@ def bn_eval_act_ref(
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))
+
+
+def _masked_grad(grad_out: Tensor, out: Tensor, relu: bool, acc: torch.dtype) -> Tensor:
+    g = grad_out.to(acc)
+    return torch.where(out <= 0, 0.0, g) if relu else g  # threshold_backward's mask: NaN outputs pass g
+
+
+def bn_act_backward_reduce_ref(grad_out: Tensor, x: Tensor, out: Tensor, mean: Tensor, invstd: Tensor,
+                               relu: bool) -> Tensor:
+    """Local [sum g | sum g * xhat] (2C values), g the ReLU-masked grad_out, xhat = (x - mean) * invstd."""
+    acc = _acc_dtype(x)
+    g = _masked_grad(grad_out, out, relu, acc)
+    xhat = (x.to(acc) - _channel(mean.to(acc))) * _channel(invstd.to(acc))
+    return torch.cat([g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))])
+
+
+def bn_act_backward_elemt_ref(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], out: Tensor, mean: Tensor,
+                              invstd: Tensor, grad_means: Tensor, relu: bool,
+                              output_mask: Sequence[bool]) -> tuple[Tensor, Tensor]:
+    """(grad_input, grad_residual) given grad_means = [sum g | sum g * xhat] / count (global sums and count):
+    grad_input = (g - grad_means[:C] - xhat * grad_means[C:]) * invstd * weight, grad_residual = g. Entries
+    output_mask does not ask for are empty tensors."""
+    acc = _acc_dtype(x)
+    c = x.shape[1]
+    fmt = suggest_memory_format(x)
+    g = _masked_grad(grad_out, out, relu, acc)
+    empty = x.new_empty((0,))
+    grad_input = grad_residual = empty
+    if output_mask[0]:
+        inv = invstd.to(acc)
+        xhat = (x.to(acc) - _channel(mean.to(acc))) * _channel(inv)
+        a = inv if weight is None else inv * weight.to(acc)
+        gm = grad_means.to(acc)
+        grad_input = ((g - _channel(gm[:c]) - xhat * _channel(gm[c:])) * _channel(a)).to(x.dtype)
+        grad_input = grad_input.contiguous(memory_format=fmt)
+    if output_mask[1]:
+        grad_residual = g.to(x.dtype).contiguous(memory_format=fmt)
+    return grad_input, grad_residual if output_mask[1] else empty.clone()

@@ -2,6 +2,8 @@
 
 bn_act_fwd / bn_act_bwd (bn_act.py): training-mode BatchNorm + residual + ReLU (ops bn_act_triton and
     _bn_act_backward_triton).
+bn_stats / bn_act_apply / bn_act_backward_reduce / bn_act_backward_elemt (bn_act_passes.py): bn_act's passes one
+    at a time, for synchronised BatchNorm (ops _bn_stats_triton and the like).
 conv_bn_act_fwd (conv_bn_act.py): implicit-GEMM conv with the bias + residual + ReLU epilogue (conv_bn_act_triton).
 conv_epilogue_bwd (conv_epilogue.py): the epilogue's backward, before ATen's conv backward
     (_conv_bn_act_backward_triton).
@@ -12,6 +14,7 @@ Set TRITON_INTERPRET=1 before importing this package to run the kernels on CPU t
 """
 from ._interpret import INTERPRETING
 from .bn_act import LaunchConfig, bn_act_bwd, bn_act_fwd, launch_config, reduction_config
+from .bn_act_passes import bn_act_apply, bn_act_backward_elemt, bn_act_backward_reduce, bn_stats
 from .conv_bn_act import conv_bn_act_fwd
 from .conv_epilogue import conv_epilogue_bwd
 from .bn_eval_act import bn_eval_act_bwd, bn_eval_act_fwd
@@ -22,6 +25,10 @@ __all__ = [
     "conv_bn_act_fwd",
     "bn_act_fwd",
     "bn_act_bwd",
+    "bn_stats",
+    "bn_act_apply",
+    "bn_act_backward_reduce",
+    "bn_act_backward_elemt",
     "conv_epilogue_bwd",
     "bn_eval_act_fwd",
     "bn_eval_act_bwd",

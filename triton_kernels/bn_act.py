@@ -198,7 +198,8 @@ def _bn_stats_partial_kernel(x_ptr, cnt_ptr, pmean_ptr, pm2_ptr, counter_ptr,
                              rm_stride, rv_stride,
                              HAS_RM: tl.constexpr, HAS_RV: tl.constexpr,
                              CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                             STORE_M2: tl.constexpr = False):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     c0 = pid_c * BLOCK_C
@@ -246,14 +247,14 @@ def _bn_stats_partial_kernel(x_ptr, cnt_ptr, pmean_ptr, pm2_ptr, counter_ptr,
     if _is_last(counter_ptr):
         _bn_stats_merge(cnt_ptr + pid_c * tl.num_programs(0), pmean_ptr, pm2_ptr, tl.num_programs(0), n_rows,
                         C, cols, cmask, eps_hi, eps_lo, mom_hi, mom_lo, mean_ptr, invstd_ptr, rm_ptr, rv_ptr,
-                        rm_stride, rv_stride, HAS_RM, HAS_RV, ACC, BLOCK_P, BLOCK_C)
+                        rm_stride, rv_stride, HAS_RM, HAS_RV, ACC, BLOCK_P, BLOCK_C, STORE_M2)
 
 
 @triton.jit
 def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, n_total, C, cols, cmask, eps_hi, eps_lo, mom_hi, mom_lo,
                     mean_ptr, invstd_ptr, rm_ptr, rv_ptr, rm_stride, rv_stride,
                     HAS_RM: tl.constexpr, HAS_RV: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STORE_M2: tl.constexpr = False):
     """Merges the P partials (count, mean, M2) of channels `cols` in a fixed order, writes mean / invstd and
     updates the running statistics.
 
@@ -293,7 +294,10 @@ def _bn_stats_merge(cnt_ptr, pmean_ptr, pm2_ptr, P, n_total, C, cols, cmask, eps
         # tl.sqrt is the approximate instruction on NVIDIA; the stats deserve a correctly rounded one.
         invstd = 1.0 / tl.sqrt_rn(var + eps)
     tl.store(mean_ptr + cols, mean, mask=cmask)
-    tl.store(invstd_ptr + cols, invstd, mask=cmask)
+    if STORE_M2:  # the local statistics of synchronised BN (bn_act_passes.py): M2 in invstd's place
+        tl.store(invstd_ptr + cols, m2, mask=cmask)
+    else:
+        tl.store(invstd_ptr + cols, invstd, mask=cmask)
     if HAS_RM:
         rm = tl.load(rm_ptr + cols * rm_stride, mask=cmask, other=0.0).to(ACC)
         rm = (1.0 - momentum) * rm + momentum * mean

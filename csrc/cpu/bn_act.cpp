@@ -12,6 +12,7 @@
 //
 // Layouts: NCHW and NHWC both run on the [outer, C, inner] view (csrc/common.h). Statistics and sums accumulate in
 // double; elementwise math runs in float (double for float64 inputs).
+#include "../bn_passes.h"
 #include "channel_view.h"
 
 #include <torch/library.h>
@@ -181,10 +182,158 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The passes above one at a time, for BatchNorm synchronised over a process group (resfuse/ops/sync_bn_act.py).
+
+at::Tensor bn_stats_cpu(const at::Tensor& input) {
+  check_activation(input, "resfuse::_bn_stats", "input");
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const ChannelView v = channel_view(x, format);
+  const int64_t C = v.channels;
+  // [mean | M2 | count]: an empty batch contributes zeros, which weigh nothing in the merge.
+  std::vector<double> packed(static_cast<size_t>(2 * C + 1), 0.0);
+  if (x.numel() > 0) {
+    std::vector<double> mean, var;
+    RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_stats_cpu",
+                              [&] { batch_stats<scalar_t>(v, x.data_ptr<scalar_t>(), mean, var); });
+    const double n = static_cast<double>(v.per_channel());
+    for (int64_t c = 0; c < C; ++c) {
+      packed[c] = mean[c];
+      packed[C + c] = var[c] * n;
+    }
+    packed[2 * C] = n;
+  }
+  return from_doubles(packed, 0, 2 * C + 1, at::kDouble);
+}
+
+at::Tensor bn_act_apply_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, bool relu) {
+  check_bn_act_apply_args(input, mean, invstd, weight, bias, residual);
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const ChannelView v = channel_view(x, format);
+  const int64_t C = v.channels;
+  at::Tensor out = empty_activation(input.sizes(), input, format);
+  if (x.numel() == 0) {
+    return out;
+  }
+  const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
+  const std::vector<double> m = to_doubles(mean);
+  const std::vector<double> is = to_doubles(invstd);
+  const std::vector<double> w = to_doubles_or(weight, C, 1.0);
+  const std::vector<double> b = to_doubles_or(bias, C, 0.0);
+  std::vector<double> scale(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = w[c] * is[c];
+  }
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_apply_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    affine_act<scalar_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), cast_vector<opmath_t>(m),
+                         cast_vector<opmath_t>(scale), cast_vector<opmath_t>(b),
+                         res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu);
+  });
+  return out;
+}
+
+at::Tensor bn_act_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
+                                      const at::Tensor& mean, const at::Tensor& invstd, bool relu) {
+  check_bn_act_backward_pass_args(grad_out, input, out, mean, invstd, "resfuse::_bn_act_backward_reduce");
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor go = grad_out.contiguous(format);
+  const at::Tensor o = relu ? out.contiguous(format) : at::Tensor();
+  const ChannelView v = channel_view(x, format);
+  const int64_t C = v.channels;
+  std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);  // [sum g | sum g*xhat]; zeros for an empty batch
+  if (x.numel() > 0) {
+    const std::vector<double> m = to_doubles(mean);
+    const std::vector<double> is = to_doubles(invstd);
+    RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_reduce_cpu", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* gp = go.data_ptr<scalar_t>();
+      const scalar_t* op = relu ? o.data_ptr<scalar_t>() : nullptr;
+      const double* mp = m.data();
+      const double* ip = is.data();
+      sums = reduce_per_channel<2>(v, [=](int64_t c, int64_t idx, double* acc) {
+        const double g = static_cast<double>(masked_grad(gp, op, idx));
+        acc[c] += g;
+        acc[C + c] += g * (static_cast<double>(xp[idx]) - mp[c]) * ip[c];
+      });
+    });
+  }
+  return from_doubles(sums, 0, 2 * C, accumulate_dtype(input));
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& grad_means, bool relu,
+    std::array<bool, 2> output_mask) {
+  constexpr const char* op_name = "resfuse::_bn_act_backward_elemt";
+  check_bn_act_backward_pass_args(grad_out, input, out, mean, invstd, op_name);
+  check_optional_per_channel(weight, input.size(1), input, op_name, "weight");
+  check_grad_means(grad_means, input, op_name);
+  const auto format = input.suggest_memory_format();
+  auto activation = [&](bool wanted) {
+    return wanted ? empty_activation(input.sizes(), input, format) : not_requested(input, input.scalar_type());
+  };
+  at::Tensor grad_input = activation(output_mask[0]);
+  at::Tensor grad_residual = activation(output_mask[1]);
+  if (input.numel() == 0 || !(output_mask[0] || output_mask[1])) {
+    return {grad_input, grad_residual};
+  }
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor go = grad_out.contiguous(format);
+  const at::Tensor o = relu ? out.contiguous(format) : at::Tensor();
+  const ChannelView v = channel_view(x, format);
+  const int64_t C = v.channels;
+  const std::vector<double> m = to_doubles(mean);
+  const std::vector<double> is = to_doubles(invstd);
+  const std::vector<double> gm = to_doubles(grad_means);
+  const std::vector<double> w = to_doubles_or(weight, C, 1.0);
+
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_elemt_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    // grad_input = (g - k1 - (x - mean)*m2) * a, as in bn_act_backward_cpu, with the global means of the sums.
+    std::vector<opmath_t> c_mean(C), c_a(C), c_k1(C), c_m2(C);
+    for (int64_t c = 0; c < C; ++c) {
+      c_mean[c] = static_cast<opmath_t>(m[c]);
+      c_a[c] = static_cast<opmath_t>(is[c] * w[c]);
+      c_k1[c] = static_cast<opmath_t>(gm[c]);
+      c_m2[c] = static_cast<opmath_t>(is[c] * gm[C + c]);
+    }
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = go.data_ptr<scalar_t>();
+    const scalar_t* op = relu ? o.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gi = output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gr = output_mask[1] ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* cm = c_mean.data();
+    const opmath_t* ca = c_a.data();
+    const opmath_t* ck1 = c_k1.data();
+    const opmath_t* cm2 = c_m2.data();
+    parallel_for_each(v, [=](int64_t c, int64_t idx) {
+      const opmath_t g = masked_grad(gp, op, idx);
+      if (gr != nullptr) {
+        gr[idx] = static_cast<scalar_t>(g);
+      }
+      if (gi != nullptr) {
+        const opmath_t xc = static_cast<opmath_t>(xp[idx]) - cm[c];
+        gi[idx] = static_cast<scalar_t>((g - ck1[c] - xc * cm2[c]) * ca[c]);
+      }
+    });
+  });
+  return {grad_input, grad_residual};
+}
+
 }  // namespace
 }  // namespace resfuse::cpu
 
 TORCH_LIBRARY_IMPL(resfuse, CPU, m) {
   m.impl("bn_act", &resfuse::cpu::bn_act_cpu);
   m.impl("_bn_act_backward", &resfuse::cpu::bn_act_backward_cpu);
+  m.impl("_bn_stats", &resfuse::cpu::bn_stats_cpu);
+  m.impl("_bn_act_apply", &resfuse::cpu::bn_act_apply_cpu);
+  m.impl("_bn_act_backward_reduce", &resfuse::cpu::bn_act_backward_reduce_cpu);
+  m.impl("_bn_act_backward_elemt", &resfuse::cpu::bn_act_backward_elemt_cpu);
 }

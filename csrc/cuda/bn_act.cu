@@ -15,8 +15,10 @@
 //
 // Layouts: NCHW and NHWC both run on the [outer, C, inner] view (csrc/common.h, csrc/cuda/channel_view.cuh).
 // Accumulation in fp32 (fp64 for float64 inputs); per-channel parameters are handled in that dtype.
+#include "../bn_passes.h"
 #include "channel_view.cuh"
 
+#include <ATen/ops/cat.h>
 #include <torch/library.h>
 
 namespace resfuse {
@@ -363,10 +365,171 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The passes above one at a time, for BatchNorm synchronised over a process group (resfuse/ops/sync_bn_act.py).
+// The same reductions and elementwise kernels, with finalisers that write what the collectives carry.
+
+// Per channel: the local [mean | M2 | count] in double (count written once, by channel 0).
+template <typename acc_t>
+struct LocalStatsFinalize {
+  double* packed;  // 2C + 1 values
+  int64_t channels;
+  double n;
+
+  __device__ void operator()(int64_t c, const Welford<acc_t>& s) const {
+    packed[c] = static_cast<double>(s.mean);
+    // NaN stays NaN, as in StatsFinalize.
+    packed[channels + c] = s.m2 < acc_t(0) ? 0.0 : static_cast<double>(s.m2);
+    if (c == 0) packed[2 * channels] = n;
+  }
+};
+
+// Per channel: the local [sum g | sum g*xhat].
+template <typename acc_t>
+struct LocalSumsFinalize {
+  acc_t* sums;  // 2C values
+  int64_t channels;
+
+  __device__ void operator()(int64_t c, const Sum2<acc_t>& s) const {
+    sums[c] = s.a;
+    sums[channels + c] = s.b;
+  }
+};
+
+at::Tensor bn_stats_cuda(const at::Tensor& input) {
+  check_activation(input, "resfuse::_bn_stats", "input");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const ChannelView v = channel_view(x, format);
+  const auto packed_opts = input.options().dtype(at::kDouble);
+  if (x.numel() == 0) {
+    return at::zeros({2 * v.channels + 1}, packed_opts);  // count 0 weighs nothing
+  }
+  at::Tensor packed = at::empty({2 * v.channels + 1}, packed_opts);
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LocalStatsFinalize<acc_t> fin{packed.data_ptr<double>(), v.channels,
+                                        static_cast<double>(v.per_channel())};
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    if (cl_vec_reduce_ok<scalar_t>(v, {xp})) {
+      reduce_per_channel_cl_vec(v, x, PushInputVec<scalar_t, acc_t>{xp}, fin);
+    } else {
+      reduce_per_channel<Welford<acc_t>>(v, x, PushInput<scalar_t, acc_t>{xp}, fin);
+    }
+  });
+  return packed;
+}
+
+at::Tensor bn_act_apply_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, bool relu) {
+  check_bn_act_apply_args(input, mean, invstd, weight, bias, residual);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const ChannelView v = channel_view(x, format);
+  at::Tensor out = empty_activation(input.sizes(), input, format);
+  if (x.numel() == 0) {
+    return out;
+  }
+  const at::ScalarType acc_dtype = accumulate_dtype(input);
+  const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
+  const at::Tensor center = as_channel_vector(mean, acc_dtype);
+  const at::Tensor inv = as_channel_vector(invstd, acc_dtype);
+  const at::Tensor scale = present(weight) ? inv.mul(as_channel_vector(*weight, acc_dtype)) : inv;
+  const at::Tensor shift = present(bias) ? as_channel_vector(*bias, acc_dtype) : at::Tensor();
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_affine_act<scalar_t, acc_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), center.data_ptr<acc_t>(),
+                                       scale.data_ptr<acc_t>(), ptr_or_null<acc_t>(shift),
+                                       ptr_or_null<scalar_t>(res), relu);
+  });
+  return out;
+}
+
+at::Tensor bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
+                                       const at::Tensor& mean, const at::Tensor& invstd, bool relu) {
+  check_bn_act_backward_pass_args(grad_out, input, out, mean, invstd, "resfuse::_bn_act_backward_reduce");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  const ChannelView v = channel_view(x, format);
+  const at::ScalarType acc_dtype = accumulate_dtype(input);
+  if (x.numel() == 0) {
+    return at::zeros({2 * v.channels}, input.options().dtype(acc_dtype));
+  }
+  const at::Tensor go = grad_out.contiguous(format);
+  const at::Tensor o = relu ? out.contiguous(format) : at::Tensor();
+  const at::Tensor m = as_channel_vector(mean, acc_dtype);
+  const at::Tensor inv = as_channel_vector(invstd, acc_dtype);
+  at::Tensor sums = at::empty({2 * v.channels}, input.options().dtype(acc_dtype));
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = go.data_ptr<scalar_t>();
+    const scalar_t* op = ptr_or_null<scalar_t>(o);
+    const LocalSumsFinalize<acc_t> fin{sums.data_ptr<acc_t>(), v.channels};
+    if (cl_vec_reduce_ok<scalar_t>(v, {gp, op, xp})) {
+      reduce_per_channel_cl_vec(v, x, BackwardSumsVec<scalar_t, acc_t>{gp, op, xp, m.data_ptr<acc_t>(),
+                                                                       inv.data_ptr<acc_t>()}, fin);
+    } else {
+      reduce_per_channel<Sum2<acc_t>>(v, x, BackwardSums<scalar_t, acc_t>{gp, op, xp, m.data_ptr<acc_t>(),
+                                                                          inv.data_ptr<acc_t>()}, fin);
+    }
+  });
+  return sums;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& out, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& grad_means, bool relu,
+    std::array<bool, 2> output_mask) {
+  constexpr const char* op_name = "resfuse::_bn_act_backward_elemt";
+  check_bn_act_backward_pass_args(grad_out, input, out, mean, invstd, op_name);
+  check_optional_per_channel(weight, input.size(1), input, op_name, "weight");
+  check_grad_means(grad_means, input, op_name);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto format = input.suggest_memory_format();
+  auto activation = [&](bool wanted) {
+    return wanted ? empty_activation(input.sizes(), input, format) : not_requested(input, input.scalar_type());
+  };
+  at::Tensor grad_input = activation(output_mask[0]);
+  at::Tensor grad_residual = activation(output_mask[1]);
+  if (input.numel() == 0 || !(output_mask[0] || output_mask[1])) {
+    return {grad_input, grad_residual};
+  }
+  const int64_t C = input.size(1);
+  const at::ScalarType acc_dtype = accumulate_dtype(input);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor go = grad_out.contiguous(format);
+  const at::Tensor o = relu ? out.contiguous(format) : at::Tensor();
+  const ChannelView v = channel_view(x, format);
+  at::Tensor coef;  // [mean | a | k1 | m2] of grad_input = (g - k1 - (x - mean)*m2) * a, as BackwardFinalize's
+  if (output_mask[0]) {
+    const at::Tensor inv = as_channel_vector(invstd, acc_dtype);
+    const at::Tensor gm = as_channel_vector(grad_means, acc_dtype);
+    const at::Tensor a = present(weight) ? inv.mul(as_channel_vector(*weight, acc_dtype)) : inv;
+    coef = at::cat({as_channel_vector(mean, acc_dtype), a, gm.slice(0, 0, C), inv.mul(gm.slice(0, C, 2 * C))});
+  }
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_backward_elementwise<scalar_t, acc_t>(v, go.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(o),
+                                                 x.data_ptr<scalar_t>(), ptr_or_null<acc_t>(coef),
+                                                 output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                                 output_mask[1] ? grad_residual.data_ptr<scalar_t>() : nullptr);
+  });
+  return {grad_input, grad_residual};
+}
+
 }  // namespace
 }  // namespace resfuse::cuda
 
 TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
   m.impl("bn_act", &resfuse::cuda::bn_act_cuda);
   m.impl("_bn_act_backward", &resfuse::cuda::bn_act_backward_cuda);
+  m.impl("_bn_stats", &resfuse::cuda::bn_stats_cuda);
+  m.impl("_bn_act_apply", &resfuse::cuda::bn_act_apply_cuda);
+  m.impl("_bn_act_backward_reduce", &resfuse::cuda::bn_act_backward_reduce_cuda);
+  m.impl("_bn_act_backward_elemt", &resfuse::cuda::bn_act_backward_elemt_cuda);
 }

@@ -7,7 +7,8 @@ only when the fused ops compute exactly what the modules would:
 
 - each conv is an ``nn.Conv2d`` (not a subclass: timm's StdConv2d standardises its weight) with zero padding
   given as numbers; each norm an ``nn.BatchNorm2d``, torchvision's ``FrozenBatchNorm2d``, or an
-  ``nn.SyncBatchNorm`` in eval mode; each activation an ``nn.ReLU``;
+  ``nn.SyncBatchNorm`` (in training its statistics are synchronised over its process group exactly when
+  nn.SyncBatchNorm would synchronise them: ops/sync_bn_act.py); each activation an ``nn.ReLU``;
 - no module involved has a hook the fused op cannot run. A conv's forward pre-hooks see only the conv's input,
   which the fused path has, so they are run (``weight_norm``, ``prune`` and ``spectral_norm`` recompute the
   weight that way). Any other hook (forward hooks, pre-hooks on a norm or an activation, backward hooks,
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -34,6 +36,7 @@ from ..ops._checks import check_activation, check_matches
 from ..ops.bn_act import run_bn_act
 from ..ops.bn_eval_act import run_bn_eval_act
 from ..ops.conv_bn_act import run_conv_bn_act
+from ..ops.sync_bn_act import sync_bn_act
 from .fold import fold_bn_differentiable, gemm_layout
 
 Route = tuple[str, str]  # (requested backend, resolved backend), from resolve_route
@@ -67,10 +70,8 @@ def conv_reason(conv: nn.Module) -> Optional[str]:
 def norm_reason(bn: nn.Module) -> Optional[str]:
     """Why ``bn`` is not a norm layer the fused ops compute, or None."""
     cls = type(bn)
-    if cls is nn.BatchNorm2d or _is_frozen_bn(bn):
+    if cls is nn.BatchNorm2d or cls is nn.SyncBatchNorm or _is_frozen_bn(bn):
         return None
-    if cls is nn.SyncBatchNorm and not bn.training:
-        return None  # eval mode: running statistics, nothing is synchronised
     return f"norm layer {type(bn).__name__}{' (training)' if bn.training else ''}"
 
 
@@ -187,6 +188,16 @@ def _train_momentum(bn: nn.BatchNorm2d) -> float:
     return factor
 
 
+def sync_group(bn: nn.Module) -> Optional[dist.ProcessGroup]:
+    """The process group an ``nn.SyncBatchNorm`` synchronises its statistics over in this call, by its own rule
+    (training, torch.distributed initialised, a group of two ranks or more), or None: it computes what
+    nn.BatchNorm2d would. Unlike nn.SyncBatchNorm, CPU tensors are accepted (gloo)."""
+    if type(bn) is not nn.SyncBatchNorm or not bn.training or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
 def uses_batch_stats(bn: nn.Module) -> bool:
     if _is_frozen_bn(bn):
         return False
@@ -223,11 +234,14 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
             residual = residual.to(y.dtype)
         momentum = _train_momentum(bn)
         keep_running = not bn.training or bn.track_running_stats
-        return run_bn_act(
-            y, bn.weight, bn.bias, residual,
-            bn.running_mean if keep_running else None, bn.running_var if keep_running else None,
-            momentum, bn.eps, relu, impl, requested,
-        )
+        running_mean = bn.running_mean if keep_running else None
+        running_var = bn.running_var if keep_running else None
+        group = sync_group(bn)
+        if group is not None:
+            return sync_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu,
+                               group, impl)
+        return run_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu, impl,
+                          requested)
     if x.device.type == "cpu" and impl == "cuda":
         # On CPU nothing needs the fold: ATen's conv on the raw weight, then BN from the running statistics,
         # the residual and the ReLU in one pass: eager's own order of operations.

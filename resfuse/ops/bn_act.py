@@ -19,8 +19,8 @@ from .. import _loader
 from ..layout import memory_format_of, stats_dtype
 from ..reference import bn_act_ref
 from . import _autograd, autoselect
-from ._checks import check_activation, check_channel_vector, check_like
 from .backend import requested_backend, resolve_backend, unavailable_reason
+from .sync_bn_act import check_sync_args, group_size, sync_bn_act
 
 _SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
            "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)")
@@ -90,12 +90,19 @@ def bn_act(
     eps: float = 1e-5,
     relu: bool = True,
     backend: Optional[str] = None,
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> Tensor:
     """BatchNorm over (N, H, W) with batch statistics, then ``+ residual`` and ReLU, in one fused op.
 
     ``running_mean``/``running_var``, when given, are updated in place like nn.BatchNorm2d in training mode
     (``momentum`` is the exponential-average factor; pass ``1 / num_batches_tracked`` for momentum=None).
+    ``process_group``: the statistics are those of the batches of all its ranks, as nn.SyncBatchNorm's in
+    training (sync_bn_act.py; every rank must make the call). A group of one rank is the same as none.
     """
+    if process_group is not None and group_size(process_group) > 1:
+        impl = resolve_backend(requested_backend(backend), x.device)
+        return sync_bn_act(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, process_group,
+                           impl)
     _check_args(x, weight, bias, residual, running_mean, running_var)
     requested = requested_backend(backend)
     impl = _measured_if_auto(requested, resolve_backend(requested, x.device), x, weight, bias, residual,
@@ -104,13 +111,7 @@ def bn_act(
 
 
 def _check_args(x, weight, bias, residual, running_mean, running_var) -> None:
-    check_activation(x)
-    check_like(x, residual, "residual")
-    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_channel_vector(x, v, name)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
+    check_sync_args(x, weight, bias, residual, running_mean, running_var)
     _check_values_per_channel(x)
 
 
