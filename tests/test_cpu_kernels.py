@@ -1,0 +1,159 @@
+"""Properties of the C++ CPU kernels (csrc/cpu) that the op-level tests do not pin down.
+
+The loops (csrc/cpu/channel_loops.cpp) take 16 elements per vector step (channels of an NHWC row, positions of
+an NCHW plane) and the rest in a scalar loop; the shapes here put channel counts and plane sizes below, at and past
+multiples of 16. The backward's first pass writes grad_residual and its second reads it back, or not, depending
+on which outputs are asked for. Reductions must give the same bits at any thread count.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("resfuse._C") is None:
+    pytest.skip("the resfuse._C extension is not built (RESFUSE_SKIP_CSRC=1?)", allow_module_level=True)
+
+import resfuse._C  # noqa: E402,F401  (registers the C++ kernels)
+
+ops = torch.ops.resfuse
+MOMENTUM, EPS = 0.1, 1e-5
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+SHAPES = [
+    (2, 37, 5, 7),  # NHWC rows: 2 vectors + 5 channels; NCHW planes of 35: 2 vectors + 3
+    (3, 16, 4, 4),  # exactly one vector either way
+    (2, 17, 3, 3),  # NCHW planes of 9: the scalar loop only; NHWC: 1 vector + 1
+    (4, 48, 14, 14),  # > 32768 elements: several reduction chunks (NHWC) and channel ranges (NCHW)
+]
+
+
+def make(shape, dtype, layout, seed, offset=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset
+    return t.to(dtype).contiguous(memory_format=LAYOUTS[layout])
+
+
+def vector(c, seed, positive=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(c, generator=g, dtype=torch.float64) + 0.5 if positive else torch.randn(c, generator=g,
+                                                                                                dtype=torch.float64)
+
+
+def reference(x, w, b, r, relu, grad_out):
+    """float64 autograd through F.batch_norm: (out, mean, invstd, grad_input, grad_weight, grad_bias, grad_residual)."""
+    xd = x.double().requires_grad_()
+    wd, bd = w.double().requires_grad_(), b.double().requires_grad_()
+    rd = (torch.zeros_like(xd) if r is None else r.double()).requires_grad_()
+    y = F.batch_norm(xd, None, None, wd, bd, training=True, eps=EPS) + rd
+    if relu:
+        y = F.relu(y)
+    y.backward(grad_out.double())
+    mean = xd.detach().mean(dim=(0, 2, 3))
+    invstd = (xd.detach().var(dim=(0, 2, 3), unbiased=False) + EPS).rsqrt()
+    return y.detach(), mean, invstd, xd.grad, wd.grad, bd.grad, (None if r is None else rd.grad)
+
+
+def run(x, w, b, r, relu, grad_out, mask=(True, True, True, True)):
+    out, mean, invstd = ops.bn_act(x, w, b, r, None, None, MOMENTUM, EPS, relu)
+    mask = list(mask)
+    mask[3] = mask[3] and r is not None
+    grads = ops._bn_act_backward(grad_out, x, w, out, mean, invstd, relu, mask)
+    return (out, mean, invstd) + tuple(grads)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu,use_residual", [(True, True), (True, False), (False, True)])
+def test_vector_steps_and_tails_match_float64(shape, layout, dtype, relu, use_residual):
+    c = shape[1]
+    x = make(shape, dtype, layout, 1, offset=0.3, scale=2.0)
+    r = make(shape, dtype, layout, 2) if use_residual else None
+    w, b = vector(c, 3, positive=True).to(dtype), vector(c, 4).to(dtype)
+    grad_out = make(shape, dtype, layout, 5)
+
+    got = run(x, w, b, r, relu, grad_out)
+    expected = reference(x, w, b, r, relu, grad_out)
+    names = ("out", "save_mean", "save_invstd", "grad_input", "grad_weight", "grad_bias", "grad_residual")
+    for name, a, e in zip(names, got, expected):
+        if e is None:
+            continue
+        torch.testing.assert_close(a, e.to(a.dtype), msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mask", [m for m in itertools.product([False, True], repeat=4) if any(m)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("relu", [True, False])
+def test_backward_passes_for_each_output_mask(mask, layout, relu):
+    """Whichever outputs are asked for (and so whether the second pass reads g back from grad_residual or masks
+    grad_out again), each one has the bits of the all-outputs call."""
+    shape = (2, 37, 5, 7)
+    x, r = make(shape, torch.float32, layout, 11), make(shape, torch.float32, layout, 12)
+    w, b = vector(37, 13, positive=True).float(), vector(37, 14).float()
+    grad_out = make(shape, torch.float32, layout, 15)
+    full = run(x, w, b, r, relu, grad_out)[3:]
+    got = run(x, w, b, r, relu, grad_out, mask)[3:]
+    for name, asked, g, f in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), mask, got, full):
+        if asked:
+            torch.testing.assert_close(g, f, rtol=0, atol=0, msg=name)
+        else:
+            assert g.numel() == 0, name
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_bits_at_any_thread_count(layout, dtype, restore_threads):
+    """Sums are added in an order fixed by the shape: 1, 2 or 3 threads give identical results (a training run
+    is reproducible on another machine size)."""
+    shape = (8, 48, 20, 20)  # 153600 elements: 5 reduction chunks (NHWC), 48 channels over the threads (NCHW)
+    x = make(shape, dtype, layout, 21, offset=1.0, scale=3.0)
+    r = make(shape, dtype, layout, 22)
+    w, b = vector(48, 23, positive=True).to(dtype), vector(48, 24).to(dtype)
+    grad_out = make(shape, dtype, layout, 25)
+    conv_w = (vector(48 * 48 * 9, 26) * 0.05).to(dtype).view(48, 48, 3, 3)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        rm, rv = torch.zeros(48, dtype=dtype), torch.ones(48, dtype=dtype)
+        out, mean, invstd = ops.bn_act(x, w, b, r, rm, rv, MOMENTUM, EPS, True)
+        grads = ops._bn_act_backward(grad_out, x, w, out, mean, invstd, True, [True] * 4)
+        conv_out = ops.conv_bn_act(x, conv_w, b, None, [1, 1], [1, 1], [1, 1], 1, True)
+        conv_grads = ops._conv_bn_act_backward(grad_out, x, conv_w, conv_out, [1, 1], [1, 1], [1, 1], 1, True,
+                                               [False, False, True, False])
+        results.append((out, mean, invstd, rm, rv) + tuple(grads) + (conv_grads[2],))
+    for threads, other in zip((2, 3), results[1:]):
+        for i, (a, b1) in enumerate(zip(results[0], other)):
+            assert torch.equal(a, b1), f"output {i} differs between 1 and {threads} threads"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_mean_keeps_the_variance(layout):
+    """|mean| / std = 1e6 in float64: E[x^2] - E[x]^2 on raw values would lose 12 of 16 digits; the kernels'
+    sums are shifted by a sample of the channel, and keep the float64 tolerance."""
+    shape = (4, 32, 6, 6)
+    x = make(shape, torch.float64, layout, 31, offset=1e6)
+    w, b = vector(32, 32, positive=True), vector(32, 33)
+    grad_out = make(shape, torch.float64, layout, 34)
+    got = run(x, w, b, None, False, grad_out)
+    expected = reference(x, w, b, None, False, grad_out)
+    for name, a, e in zip(("out", "save_mean", "save_invstd", "grad_input", "grad_weight"), got, expected):
+        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_stays_where_it_is_in_the_vector_step(layout):
+    shape = (2, 32, 4, 4)
+    x, r = make(shape, torch.float32, layout, 41), make(shape, torch.float32, layout, 42)
+    r[1, 20, 2, 3] = float("nan")
+    out, _, _ = ops.bn_act(x, None, None, r, None, None, MOMENTUM, EPS, True)
+    assert torch.isnan(out[1, 20, 2, 3]) and torch.isnan(out).sum() == 1
