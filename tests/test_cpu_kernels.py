@@ -150,6 +150,30 @@ def test_large_mean_keeps_the_variance(layout):
         torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def rel_l2(a, e):
+    return ((a.double() - e.double()).norm() / e.double().norm()).item()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_mean_float32_within_twice_eager_error(layout):
+    """float32 with |mean| / std = 1000: the loops sum g*(x - mean) around the mean rounded to float and correct
+    for the rounding in double; every output stays within twice eager's own float32 error (plus a floor)."""
+    shape = (4, 32, 10, 10)
+    x = make(shape, torch.float32, layout, 35, offset=1000.0)
+    w, b = vector(32, 36, positive=True).float(), vector(32, 37).float()
+    grad_out = make(shape, torch.float32, layout, 38)
+    got = run(x, w, b, None, True, grad_out)
+    expected = reference(x, w, b, None, True, grad_out)
+    xe, we, be = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    ye = F.relu(F.batch_norm(xe, None, None, we, be, training=True, eps=EPS))
+    ye.backward(grad_out)
+    eager = (ye, None, None, xe.grad, we.grad, be.grad)
+    for name, a, e, t in zip(("out", "mean", "invstd", "grad_input", "grad_weight", "grad_bias"), got, expected,
+                             eager):
+        bound = 1e-6 if t is None else 2 * rel_l2(t, e) + 1e-6
+        assert rel_l2(a, e) <= bound, f"{name}: {rel_l2(a, e):.3g} > {bound:.3g}"
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_nan_stays_where_it_is_in_the_vector_step(layout):
     shape = (2, 32, 4, 4)

@@ -42,8 +42,8 @@ struct Stats {
 };
 
 template <typename scalar_t>
-double pivot_of(const ChannelView& v, const scalar_t* x, int64_t c) {
-  return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(x[c * v.inner]));  // element (0, c, 0)
+at::opmath_type<scalar_t> pivot_of(const ChannelView& v, const scalar_t* x, int64_t c) {
+  return static_cast<at::opmath_type<scalar_t>>(x[c * v.inner]);  // element (0, c, 0)
 }
 
 // NCHW: each channel's statistics, then its output, by one thread (its planes stay in that core's cache).
@@ -56,10 +56,10 @@ void forward_planes(const ChannelView& v, const scalar_t* x, const scalar_t* res
   parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t off = c * inner;
-      const double pivot = pivot_of(v, x, c);
+      const opmath_t pivot = pivot_of(v, x, c);
       double sum = 0.0, sum_sq = 0.0;
       loops::shifted_sums_planes(x + off, v.outer, stride, inner, pivot, &sum, &sum_sq);
-      st.finish(c, pivot, sum, sum_sq, n, eps);
+      st.finish(c, static_cast<double>(pivot), sum, sum_sq, n, eps);
       loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, stride, inner,
                                static_cast<opmath_t>(st.mean[c]), static_cast<opmath_t>(w[c] * st.invstd[c]),
                                static_cast<opmath_t>(b[c]), relu);
@@ -73,7 +73,7 @@ void forward_rows(const ChannelView& v, const scalar_t* x, const scalar_t* resid
                   const std::vector<double>& w, const std::vector<double>& b, double eps, bool relu, Stats& st) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = v.channels;
-  std::vector<double> pivot(C);
+  std::vector<opmath_t> pivot(C);
   for (int64_t c = 0; c < C; ++c) {
     pivot[c] = pivot_of(v, x, c);
   }
@@ -81,7 +81,7 @@ void forward_rows(const ChannelView& v, const scalar_t* x, const scalar_t* resid
   const double n = static_cast<double>(v.per_channel());
   std::vector<opmath_t> center(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    st.finish(c, pivot[c], sums[c], sums[C + c], n, eps);
+    st.finish(c, static_cast<double>(pivot[c]), sums[c], sums[C + c], n, eps);
     center[c] = static_cast<opmath_t>(st.mean[c]);
     scale[c] = static_cast<opmath_t>(w[c] * st.invstd[c]);
     shift[c] = static_cast<opmath_t>(b[c]);
@@ -186,8 +186,10 @@ void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a, cons
       const int64_t off = c * inner;
       double sum_g = 0.0, sum_gx = 0.0;
       if (a.need_sums) {
+        const auto center = static_cast<opmath_t>(mean[c]);
         loops::grad_sums_planes(a.grad_out + off, offset_or_null(a.out, off), a.x + off, v.outer, stride, inner,
-                                mean[c], &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
+                                center, &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
+        sum_gx = recentre(sum_gx, sum_g, static_cast<double>(center), mean[c]);
       }
       const auto coef = sums.finish<opmath_t>(c, sum_g, sum_gx, mean[c], invstd[c], w[c], n);
       if (a.need_apply()) {

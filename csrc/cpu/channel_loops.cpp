@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 namespace resfuse::cpu::loops {
@@ -20,14 +21,15 @@ namespace {
 using simd::Doubles;
 using simd::kLanes;
 using simd::load;
-using simd::load_doubles;
 using simd::store;
 using simd::sum_lanes;
 
 constexpr int64_t kHalfLanes = kLanes / 2;
 
-// NHWC rows are taken this many at a time: each vector of per-channel accumulators is loaded and stored once per
-// block rather than once per row.
+// Sums run in two levels: 16 lanes of at::opmath_type<T> take a short block of elements each (kBlockSteps vector
+// steps of a plane, kRowBlock rows), then go into double lanes. Most of the arithmetic stays in float, 16 lanes a
+// register; no float partial sums more than 8 terms.
+constexpr int64_t kBlockSteps = 8;
 constexpr int64_t kRowBlock = 8;
 
 template <typename T>
@@ -41,6 +43,25 @@ RESFUSE_ALWAYS_INLINE double as_double(T v) {
 template <typename T>
 RESFUSE_ALWAYS_INLINE opmath_t<T> as_opmath(T v) {
   return static_cast<opmath_t<T>>(v);
+}
+
+// Adds the 16 lanes of v (of opmath type M) into two vectors of 8 doubles.
+template <typename M>
+RESFUSE_ALWAYS_INLINE void add_to_doubles(const simd::Vec<M>& v, Doubles& low, Doubles& high) {
+  simd::Half<M> a, b;
+  std::memcpy(&a, &v, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+  low += __builtin_convertvector(a, Doubles);
+  high += __builtin_convertvector(b, Doubles);
+}
+
+// The same, into 16 doubles in memory.
+template <typename M>
+RESFUSE_ALWAYS_INLINE void add_to_doubles(const simd::Vec<M>& v, double* acc) {
+  Doubles low = load<Doubles>(acc), high = load<Doubles>(acc + kHalfLanes);
+  add_to_doubles<M>(v, low, high);
+  store(acc, low);
+  store(acc + kHalfLanes, high);
 }
 
 // The ReLU mask of the backward: g = out > 0 ? grad_out : 0 (0 where out is 0 or NaN).
@@ -68,24 +89,28 @@ RESFUSE_ALWAYS_INLINE V masked_grad_vector(const T* grad_out, const T* out, int6
 
 template <typename T>
 RESFUSE_ALWAYS_INLINE void shifted_sums_planes_impl(const T* x, int64_t planes, int64_t stride, int64_t n,
-                                                    double pivot, double* sum, double* sum_sq) {
+                                                    opmath_t<T> pivot, double* sum, double* sum_sq) {
+  using M = opmath_t<T>;
   double s = 0.0, q = 0.0;  // the elements past the last whole vector of each plane
   Doubles s0{}, s1{}, q0{}, q1{};
   for (int64_t p = 0; p < planes; ++p) {
     const T* xp = x + p * stride;
     int64_t i = 0;
     if constexpr (kVectorised<T>) {
-      for (; i + kLanes <= n; i += kLanes) {
-        const Doubles a = load_doubles(xp + i) - pivot;
-        const Doubles b = load_doubles(xp + i + kHalfLanes) - pivot;
-        s0 += a;
-        q0 += a * a;
-        s1 += b;
-        q1 += b * b;
+      using V = simd::Vec<M>;
+      while (i + kLanes <= n) {
+        V bs{}, bq{};
+        for (int64_t k = 0; k < kBlockSteps && i + kLanes <= n; ++k, i += kLanes) {
+          const V d = load<V>(xp + i) - pivot;
+          bs += d;
+          bq += d * d;
+        }
+        add_to_doubles<M>(bs, s0, s1);
+        add_to_doubles<M>(bq, q0, q1);
       }
     }
     for (; i < n; ++i) {
-      const double d = as_double(xp[i]) - pivot;
+      const double d = as_double(xp[i]) - static_cast<double>(pivot);
       s += d;
       q += d * d;
     }
@@ -95,36 +120,31 @@ RESFUSE_ALWAYS_INLINE void shifted_sums_planes_impl(const T* x, int64_t planes, 
 }
 
 template <typename T>
-RESFUSE_ALWAYS_INLINE void shifted_sums_rows_impl(const T* x, int64_t rows, int64_t channels, const double* pivot,
-                                                  double* sum, double* sum_sq) {
+RESFUSE_ALWAYS_INLINE void shifted_sums_rows_impl(const T* x, int64_t rows, int64_t channels,
+                                                  const opmath_t<T>* pivot, double* sum, double* sum_sq) {
+  using M = opmath_t<T>;
   const int64_t C = channels;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t r1 = std::min(rows, r0 + kRowBlock);
     int64_t c = 0;
     if constexpr (kVectorised<T>) {
+      using V = simd::Vec<M>;
       for (; c + kLanes <= C; c += kLanes) {
-        const Doubles p0 = load<Doubles>(pivot + c), p1 = load<Doubles>(pivot + c + kHalfLanes);
-        Doubles s0 = load<Doubles>(sum + c), s1 = load<Doubles>(sum + c + kHalfLanes);
-        Doubles q0 = load<Doubles>(sum_sq + c), q1 = load<Doubles>(sum_sq + c + kHalfLanes);
+        const V k = load<V>(pivot + c);
+        V bs{}, bq{};
         for (int64_t r = r0; r < r1; ++r) {
-          const T* row = x + r * C + c;
-          const Doubles a = load_doubles(row) - p0;
-          const Doubles b = load_doubles(row + kHalfLanes) - p1;
-          s0 += a;
-          q0 += a * a;
-          s1 += b;
-          q1 += b * b;
+          const V d = load<V>(x + r * C + c) - k;
+          bs += d;
+          bq += d * d;
         }
-        store(sum + c, s0);
-        store(sum + c + kHalfLanes, s1);
-        store(sum_sq + c, q0);
-        store(sum_sq + c + kHalfLanes, q1);
+        add_to_doubles<M>(bs, sum + c);
+        add_to_doubles<M>(bq, sum_sq + c);
       }
     }
     for (; c < C; ++c) {
       double s = sum[c], q = sum_sq[c];
       for (int64_t r = r0; r < r1; ++r) {
-        const double d = as_double(x[r * C + c]) - pivot[c];
+        const double d = as_double(x[r * C + c]) - static_cast<double>(pivot[c]);
         s += d;
         q += d * d;
       }
@@ -194,29 +214,21 @@ RESFUSE_ALWAYS_INLINE void affine_act_rows_impl(const T* x, const T* residual, T
 // ---------------------------------------------------------------------------------------------------------------
 // The backward's sums
 
-// Adds 16 elements at `i` into the lane sums (g0, g1: Σg; x0, x1: Σg*(x - center)); stores g at masked + i.
+// One vector step of the backward's sums: g at `i` (stored at masked + i), added into bg; g*(x - center) into bx.
 template <typename T, bool kMask, bool kStore>
 RESFUSE_ALWAYS_INLINE void grad_sums_step(const T* grad_out, const T* out, const T* x, int64_t i,
-                                          const Doubles& center0, const Doubles& center1, Doubles& g0, Doubles& g1,
-                                          Doubles& x0, Doubles& x1, T* masked) {
-  using H = simd::Half<T>;
-  const H ha = masked_grad_vector<kMask, H>(grad_out, out, i);
-  const H hb = masked_grad_vector<kMask, H>(grad_out, out, i + kHalfLanes);
-  if constexpr (kStore) {
-    store(masked + i, ha);
-    store(masked + i + kHalfLanes, hb);
-  }
-  const Doubles ga = __builtin_convertvector(ha, Doubles);
-  const Doubles gb = __builtin_convertvector(hb, Doubles);
-  g0 += ga;
-  x0 += ga * (load_doubles(x + i) - center0);
-  g1 += gb;
-  x1 += gb * (load_doubles(x + i + kHalfLanes) - center1);
+                                          const simd::Vec<opmath_t<T>>& center, simd::Vec<opmath_t<T>>& bg,
+                                          simd::Vec<opmath_t<T>>& bx, T* masked) {
+  using V = simd::Vec<opmath_t<T>>;
+  const V g = masked_grad_vector<kMask, V>(grad_out, out, i);
+  if constexpr (kStore) store(masked + i, g);
+  bg += g;
+  bx += g * (load<V>(x + i) - center);
 }
 
 template <typename T, bool kMask, bool kStore>
 RESFUSE_ALWAYS_INLINE void grad_sums_scalar(const T* grad_out, const T* out, const T* x, int64_t i,
-                                              double center, double& sum_g, double& sum_gx, T* masked) {
+                                            double center, double& sum_g, double& sum_gx, T* masked) {
   const auto g = masked_grad<kMask>(grad_out, out, i);
   if constexpr (kStore) masked[i] = static_cast<T>(g);
   sum_g += static_cast<double>(g);
@@ -225,23 +237,30 @@ RESFUSE_ALWAYS_INLINE void grad_sums_scalar(const T* grad_out, const T* out, con
 
 template <typename T, bool kMask, bool kStore>
 RESFUSE_ALWAYS_INLINE void grad_sums_planes_impl(const T* grad_out, const T* out, const T* x, int64_t planes,
-                                                 int64_t stride, int64_t n, double center, double* sum_g,
+                                                 int64_t stride, int64_t n, opmath_t<T> center, double* sum_g,
                                                  double* sum_gx, T* masked) {
+  using M = opmath_t<T>;
   double sg = 0.0, sx = 0.0;  // the elements past the last whole vector of each plane
   Doubles g0{}, g1{}, x0{}, x1{};
-  const Doubles m = Doubles{} + center;
   for (int64_t p = 0; p < planes; ++p) {
     const int64_t base = p * stride;
     const T* o = kMask ? out + base : nullptr;
     T* mk = kStore ? masked + base : nullptr;
     int64_t i = 0;
     if constexpr (kVectorised<T>) {
-      for (; i + kLanes <= n; i += kLanes) {
-        grad_sums_step<T, kMask, kStore>(grad_out + base, o, x + base, i, m, m, g0, g1, x0, x1, mk);
+      using V = simd::Vec<M>;
+      const V m = V{} + center;
+      while (i + kLanes <= n) {
+        V bg{}, bx{};
+        for (int64_t k = 0; k < kBlockSteps && i + kLanes <= n; ++k, i += kLanes) {
+          grad_sums_step<T, kMask, kStore>(grad_out + base, o, x + base, i, m, bg, bx, mk);
+        }
+        add_to_doubles<M>(bg, g0, g1);
+        add_to_doubles<M>(bx, x0, x1);
       }
     }
     for (; i < n; ++i) {
-      grad_sums_scalar<T, kMask, kStore>(grad_out + base, o, x + base, i, center, sg, sx, mk);
+      grad_sums_scalar<T, kMask, kStore>(grad_out + base, o, x + base, i, static_cast<double>(center), sg, sx, mk);
     }
   }
   *sum_g += sum_lanes(g0 + g1) + sg;
@@ -250,30 +269,30 @@ RESFUSE_ALWAYS_INLINE void grad_sums_planes_impl(const T* grad_out, const T* out
 
 template <typename T, bool kMask, bool kStore>
 RESFUSE_ALWAYS_INLINE void grad_sums_rows_impl(const T* grad_out, const T* out, const T* x, int64_t rows,
-                                               int64_t channels, const double* center, double* sum_g,
+                                               int64_t channels, const opmath_t<T>* center, double* sum_g,
                                                double* sum_gx, T* masked) {
+  using M = opmath_t<T>;
   const int64_t C = channels;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t r1 = std::min(rows, r0 + kRowBlock);
     int64_t c = 0;
     if constexpr (kVectorised<T>) {
+      using V = simd::Vec<M>;
       for (; c + kLanes <= C; c += kLanes) {
-        const Doubles m0 = load<Doubles>(center + c), m1 = load<Doubles>(center + c + kHalfLanes);
-        Doubles g0 = load<Doubles>(sum_g + c), g1 = load<Doubles>(sum_g + c + kHalfLanes);
-        Doubles x0 = load<Doubles>(sum_gx + c), x1 = load<Doubles>(sum_gx + c + kHalfLanes);
+        const V m = load<V>(center + c);
+        V bg{}, bx{};
         for (int64_t r = r0; r < r1; ++r) {
-          grad_sums_step<T, kMask, kStore>(grad_out, out, x, r * C + c, m0, m1, g0, g1, x0, x1, masked);
+          grad_sums_step<T, kMask, kStore>(grad_out, out, x, r * C + c, m, bg, bx, masked);
         }
-        store(sum_g + c, g0);
-        store(sum_g + c + kHalfLanes, g1);
-        store(sum_gx + c, x0);
-        store(sum_gx + c + kHalfLanes, x1);
+        add_to_doubles<M>(bg, sum_g + c);
+        add_to_doubles<M>(bx, sum_gx + c);
       }
     }
     for (; c < C; ++c) {
       double sg = sum_g[c], sx = sum_gx[c];
       for (int64_t r = r0; r < r1; ++r) {
-        grad_sums_scalar<T, kMask, kStore>(grad_out, out, x, r * C + c, center[c], sg, sx, masked);
+        grad_sums_scalar<T, kMask, kStore>(grad_out, out, x, r * C + c, static_cast<double>(center[c]), sg, sx,
+                                           masked);
       }
       sum_g[c] = sg;
       sum_gx[c] = sx;
@@ -377,7 +396,7 @@ RESFUSE_ALWAYS_INLINE void affine_act_rows_any(const T* x, const T* residual, T*
 
 template <typename T>
 RESFUSE_ALWAYS_INLINE void grad_sums_planes_any(const T* grad_out, const T* out, const T* x, int64_t planes,
-                                                int64_t stride, int64_t n, double center, double* sum_g,
+                                                int64_t stride, int64_t n, opmath_t<T> center, double* sum_g,
                                                 double* sum_gx, T* masked) {
 #define RESFUSE_CALL(MASK, STORE) \
   grad_sums_planes_impl<T, MASK, STORE>(grad_out, out, x, planes, stride, n, center, sum_g, sum_gx, masked)
@@ -391,7 +410,7 @@ RESFUSE_ALWAYS_INLINE void grad_sums_planes_any(const T* grad_out, const T* out,
 
 template <typename T>
 RESFUSE_ALWAYS_INLINE void grad_sums_rows_any(const T* grad_out, const T* out, const T* x, int64_t rows,
-                                              int64_t channels, const double* center, double* sum_g,
+                                              int64_t channels, const opmath_t<T>* center, double* sum_g,
                                               double* sum_gx, T* masked) {
 #define RESFUSE_CALL(MASK, STORE) \
   grad_sums_rows_impl<T, MASK, STORE>(grad_out, out, x, rows, channels, center, sum_g, sum_gx, masked)
@@ -447,12 +466,12 @@ RESFUSE_ALWAYS_INLINE void grad_apply_rows_any(const T* grad_out, const T* out, 
 
 #define RESFUSE_DEFINE_CHANNEL_LOOPS(T, CLONES)                                                                  \
   template <>                                                                                                    \
-  CLONES void shifted_sums_planes<T>(const T* x, int64_t planes, int64_t stride, int64_t n, double pivot,        \
+  CLONES void shifted_sums_planes<T>(const T* x, int64_t planes, int64_t stride, int64_t n, opmath_t<T> pivot,   \
                                      double* sum, double* sum_sq) {                                              \
     shifted_sums_planes_impl<T>(x, planes, stride, n, pivot, sum, sum_sq);                                      \
   }                                                                                                              \
   template <>                                                                                                    \
-  CLONES void shifted_sums_rows<T>(const T* x, int64_t rows, int64_t channels, const double* pivot,              \
+  CLONES void shifted_sums_rows<T>(const T* x, int64_t rows, int64_t channels, const opmath_t<T>* pivot,         \
                                    double* sum, double* sum_sq) {                                                \
     shifted_sums_rows_impl<T>(x, rows, channels, pivot, sum, sum_sq);                                           \
   }                                                                                                              \
@@ -470,12 +489,12 @@ RESFUSE_ALWAYS_INLINE void grad_apply_rows_any(const T* grad_out, const T* out, 
   }                                                                                                              \
   template <>                                                                                                    \
   CLONES void grad_sums_planes<T>(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride,   \
-                                  int64_t n, double center, double* sum_g, double* sum_gx, T* masked) {          \
+                                  int64_t n, opmath_t<T> center, double* sum_g, double* sum_gx, T* masked) {     \
     grad_sums_planes_any<T>(grad_out, out, x, planes, stride, n, center, sum_g, sum_gx, masked);                 \
   }                                                                                                              \
   template <>                                                                                                    \
   CLONES void grad_sums_rows<T>(const T* grad_out, const T* out, const T* x, int64_t rows, int64_t channels,     \
-                                const double* center, double* sum_g, double* sum_gx, T* masked) {                \
+                                const opmath_t<T>* center, double* sum_g, double* sum_gx, T* masked) {           \
     grad_sums_rows_any<T>(grad_out, out, x, rows, channels, center, sum_g, sum_gx, masked);                      \
   }                                                                                                              \
   template <>                                                                                                    \

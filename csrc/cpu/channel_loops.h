@@ -6,9 +6,11 @@
 // consecutive rows of C channels (NHWC, inner == 1); per-channel values are arrays of C.
 // csrc/cpu/channel_view.h cuts a tensor into channels or blocks of rows and runs them in parallel.
 //
-// Sums accumulate in double: the plane loops in 16 lanes (lane l takes the elements at l modulo 16 of each plane)
-// added in lane order at the end, the row loops per channel in row order; a call adds its sums to what `sum*`
-// already hold. The elementwise loops compute in at::opmath_type<T> (float for float, half and bfloat16; double
+// Sums: 16 lanes of at::opmath_type<T> (lane l takes the elements at l modulo 16 of a plane, or channel c + l of
+// the rows) each sum a block of at most 8 terms, which then go into lanes of double; a plane's lanes are added in
+// lane order at the end, a channel's row blocks in row order. A call adds its sums to what `sum*` already hold.
+// Per-channel values of the sums (pivot, center) are given in opmath_t: the kernels pass the exact pivot (an
+// element of x) and correct the rounding of center themselves (csrc/cpu/channel_view.h). The elementwise loops compute in at::opmath_type<T> (float for float, half and bfloat16; double
 // for double).
 //
 // Pointers documented "or null" switch a term off: residual (no residual), out (no ReLU mask: g = grad_out),
@@ -29,10 +31,10 @@ using opmath_t = at::opmath_type<T>;
 
 // sum += Σ (x - pivot);  sum_sq += Σ (x - pivot)^2.
 template <typename T>
-void shifted_sums_planes(const T* x, int64_t planes, int64_t stride, int64_t n, double pivot, double* sum,
+void shifted_sums_planes(const T* x, int64_t planes, int64_t stride, int64_t n, opmath_t<T> pivot, double* sum,
                          double* sum_sq);
 template <typename T>
-void shifted_sums_rows(const T* x, int64_t rows, int64_t channels, const double* pivot, double* sum,
+void shifted_sums_rows(const T* x, int64_t rows, int64_t channels, const opmath_t<T>* pivot, double* sum,
                        double* sum_sq);
 
 // out = act((x - center)*scale + shift + residual); residual or null.
@@ -47,10 +49,10 @@ void affine_act_rows(const T* x, const T* residual, T* out, int64_t rows, int64_
 // masked = g (or null): the pass that reads grad_out and out can leave g for the next one.
 template <typename T>
 void grad_sums_planes(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride, int64_t n,
-                      double center, double* sum_g, double* sum_gx, T* masked);
+                      opmath_t<T> center, double* sum_g, double* sum_gx, T* masked);
 template <typename T>
 void grad_sums_rows(const T* grad_out, const T* out, const T* x, int64_t rows, int64_t channels,
-                    const double* center, double* sum_g, double* sum_gx, T* masked);
+                    const opmath_t<T>* center, double* sum_g, double* sum_gx, T* masked);
 
 // Per-channel coefficients of grad_input = (g - k1 - (x - center)*m2)*a.
 template <typename M>

@@ -42,7 +42,7 @@ template <typename T, int64_t N>
 struct VectorOf {
   typedef T type __attribute__((vector_size(N * sizeof(T))));
 };
-// kLanes elements of T; Half<T>: the 8 elements that one vector of 8 doubles accumulates.
+// kLanes elements of T; Half<T>: half of them, what one vector of 8 doubles takes.
 template <typename T>
 using Vec = typename VectorOf<T, kLanes>::type;
 template <typename T>
@@ -59,12 +59,6 @@ RESFUSE_ALWAYS_INLINE V load(const T* p) {
 template <typename V, typename T>
 RESFUSE_ALWAYS_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
-}
-
-// Elements p[0..8) converted to double.
-template <typename T>
-RESFUSE_ALWAYS_INLINE Doubles load_doubles(const T* p) {
-  return __builtin_convertvector(load<Half<T>>(p), Doubles);
 }
 
 template <typename V>
