@@ -156,8 +156,9 @@ def rel_l2(a, e):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_large_mean_float32_within_twice_eager_error(layout):
-    """float32 with |mean| / std = 1000: the loops sum g*(x - mean) around the mean rounded to float and correct
-    for the rounding in double; every output stays within twice eager's own float32 error (plus a floor)."""
+    """float32 with |mean| / std = 1000: every output within twice eager's own float32 error (plus a floor), and
+    the forward's output within 1e-6: the elementwise pass subtracts the mean rounded to float, and its shift
+    takes the rounding back in double (eager's output carries it: ~1e-5 here)."""
     shape = (4, 32, 10, 10)
     x = make(shape, torch.float32, layout, 35, offset=1000.0)
     w, b = vector(32, 36, positive=True).float(), vector(32, 37).float()
@@ -170,7 +171,7 @@ def test_large_mean_float32_within_twice_eager_error(layout):
     eager = (ye, None, None, xe.grad, we.grad, be.grad)
     for name, a, e, t in zip(("out", "mean", "invstd", "grad_input", "grad_weight", "grad_bias"), got, expected,
                              eager):
-        bound = 1e-6 if t is None else 2 * rel_l2(t, e) + 1e-6
+        bound = 1e-6 if t is None or name == "out" else 2 * rel_l2(t, e) + 1e-6
         assert rel_l2(a, e) <= bound, f"{name}: {rel_l2(a, e):.3g} > {bound:.3g}"
 
 

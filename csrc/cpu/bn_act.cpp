@@ -41,6 +41,23 @@ struct Stats {
   }
 };
 
+// out = (x - center)*scale + shift: the coefficients of one channel.
+template <typename opmath_t>
+struct Affine {
+  opmath_t center, scale, shift;
+};
+
+// Channel c's output map (x - mean)*scale + b, scale = w*invstd, for loops that compute in opmath_t: the center
+// is the mean rounded to opmath_t, and the shift takes back the rounding, b - (mean - center)*scale in double.
+// x - center is exact for x within a factor 2 of the center (all of a channel when |mean| >> std), so the outputs
+// do not carry the mean's rounding (up to half an ulp of |mean|, times scale).
+template <typename opmath_t>
+Affine<opmath_t> output_map(const Stats& st, int64_t c, double w, double b) {
+  const double scale = w * st.invstd[c];
+  const auto center = static_cast<opmath_t>(st.mean[c]);
+  return {center, static_cast<opmath_t>(scale), static_cast<opmath_t>(b - (st.mean[c] - center) * scale)};
+}
+
 template <typename scalar_t>
 at::opmath_type<scalar_t> pivot_of(const ChannelView& v, const scalar_t* x, int64_t c) {
   return static_cast<at::opmath_type<scalar_t>>(x[c * v.inner]);  // element (0, c, 0)
@@ -60,9 +77,9 @@ void forward_planes(const ChannelView& v, const scalar_t* x, const scalar_t* res
       double sum = 0.0, sum_sq = 0.0;
       loops::shifted_sums_planes(x + off, v.outer, stride, inner, pivot, &sum, &sum_sq);
       st.finish(c, static_cast<double>(pivot), sum, sum_sq, n, eps);
-      loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, stride, inner,
-                               static_cast<opmath_t>(st.mean[c]), static_cast<opmath_t>(w[c] * st.invstd[c]),
-                               static_cast<opmath_t>(b[c]), relu);
+      const auto map = output_map<opmath_t>(st, c, w[c], b[c]);
+      loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, stride, inner, map.center,
+                               map.scale, map.shift, relu);
     }
   });
 }
@@ -82,9 +99,10 @@ void forward_rows(const ChannelView& v, const scalar_t* x, const scalar_t* resid
   std::vector<opmath_t> center(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     st.finish(c, static_cast<double>(pivot[c]), sums[c], sums[C + c], n, eps);
-    center[c] = static_cast<opmath_t>(st.mean[c]);
-    scale[c] = static_cast<opmath_t>(w[c] * st.invstd[c]);
-    shift[c] = static_cast<opmath_t>(b[c]);
+    const auto map = output_map<opmath_t>(st, c, w[c], b[c]);
+    center[c] = map.center;
+    scale[c] = map.scale;
+    shift[c] = map.shift;
   }
   affine_act<scalar_t>(v, x, out, center, scale, shift, residual, relu);
 }
@@ -159,24 +177,26 @@ struct BackwardArgs {
 };
 
 // Per-channel sums of the backward (in double) and the coefficients of grad_input = (g - k1 - (x - mean)*m2)*a.
+// The saved mean is in opmath_t already (the accumulate dtype), so the loops take it as it is.
 struct BackwardSums {
   std::vector<double> sum_g, sum_gxhat;
   explicit BackwardSums(int64_t C) : sum_g(C, 0.0), sum_gxhat(C, 0.0) {}
 
   // Stores channel c's Σg and Σg*(x - mean)*invstd, and returns its coefficients.
   template <typename opmath_t>
-  loops::GradCoefficients<opmath_t> finish(int64_t c, double sum_g_c, double sum_gx_c, double mean, double invstd,
+  loops::GradCoefficients<opmath_t> finish(int64_t c, double sum_g_c, double sum_gx_c, opmath_t mean, double invstd,
                                            double w, double n) {
     sum_g[c] = sum_g_c;
     sum_gxhat[c] = sum_gx_c * invstd;
-    return {static_cast<opmath_t>(mean), static_cast<opmath_t>(sum_g_c / n),
-            static_cast<opmath_t>(invstd * sum_gxhat[c] / n), static_cast<opmath_t>(invstd * w)};
+    return {mean, static_cast<opmath_t>(sum_g_c / n), static_cast<opmath_t>(invstd * sum_gxhat[c] / n),
+            static_cast<opmath_t>(invstd * w)};
   }
 };
 
 // NCHW: each channel's sums, then its gradients, by one thread (its planes stay in that core's cache).
 template <typename scalar_t>
-void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a, const std::vector<double>& mean,
+void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a,
+                     const std::vector<at::opmath_type<scalar_t>>& mean,
                      const std::vector<double>& invstd, const std::vector<double>& w, BackwardSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = v.channels, inner = v.inner, stride = C * inner;
@@ -186,10 +206,8 @@ void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a, cons
       const int64_t off = c * inner;
       double sum_g = 0.0, sum_gx = 0.0;
       if (a.need_sums) {
-        const auto center = static_cast<opmath_t>(mean[c]);
         loops::grad_sums_planes(a.grad_out + off, offset_or_null(a.out, off), a.x + off, v.outer, stride, inner,
-                                center, &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
-        sum_gx = recentre(sum_gx, sum_g, static_cast<double>(center), mean[c]);
+                                mean[c], &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
       }
       const auto coef = sums.finish<opmath_t>(c, sum_g, sum_gx, mean[c], invstd[c], w[c], n);
       if (a.need_apply()) {
@@ -203,7 +221,8 @@ void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a, cons
 
 // NHWC: a pass for the sums over all rows, then the gradients' pass.
 template <typename scalar_t>
-void backward_rows(const ChannelView& v, const BackwardArgs<scalar_t>& a, const std::vector<double>& mean,
+void backward_rows(const ChannelView& v, const BackwardArgs<scalar_t>& a,
+                   const std::vector<at::opmath_type<scalar_t>>& mean,
                    const std::vector<double>& invstd, const std::vector<double>& w, BackwardSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = v.channels;
@@ -243,11 +262,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     return {grad_input, grad_weight, grad_bias, grad_residual};
   }
 
-  const std::vector<double> mean = to_doubles(save_mean);
   const std::vector<double> invstd = to_doubles(save_invstd);
   const std::vector<double> w = to_doubles_or(weight, C, 1.0);
   BackwardSums sums(C);
   RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_cpu", [&] {
+    const auto mean = cast_vector<at::opmath_type<scalar_t>>(to_doubles(save_mean));
     const BackwardArgs<scalar_t> a{go.data_ptr<scalar_t>(),
                                    relu ? o.data_ptr<scalar_t>() : nullptr,
                                    x.data_ptr<scalar_t>(),

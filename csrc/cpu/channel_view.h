@@ -152,41 +152,28 @@ std::vector<double> shifted_sums(const ChannelView& v, const scalar_t* x,
   return sums;
 }
 
-// Σg*(x - center) from the loops' Σg*(x - rounded) with rounded = center in opmath_t: the loops work in opmath_t,
-// and Σg*(x - center) = Σg*(x - rounded) + (rounded - center)*Σg keeps the double center's precision.
-inline double recentre(double sum_gx_rounded, double sum_g, double rounded, double center) {
-  return sum_gx_rounded + (rounded - center) * sum_g;
-}
-
 // The backward's per-channel Σg and Σg*(x - center[c]), as 2*C doubles laid out [2][C], where
 // g = out > 0 ? grad_out : 0 (`out` null: g = grad_out). `masked` (or null) receives g.
 template <typename scalar_t>
 std::vector<double> grad_sums(const ChannelView& v, const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
-                              const std::vector<double>& center, scalar_t* masked) {
-  using opmath_t = at::opmath_type<scalar_t>;
+                              const std::vector<at::opmath_type<scalar_t>>& center, scalar_t* masked) {
   const int64_t C = v.channels;
-  const std::vector<opmath_t> rounded(center.begin(), center.end());
-  const opmath_t* m = rounded.data();
-  std::vector<double> sums;
+  const auto* m = center.data();
   if (v.inner == 1) {
-    sums = reduce_units<2>(v, [&](int64_t u0, int64_t u1, double* acc) {
+    return reduce_units<2>(v, [&](int64_t u0, int64_t u1, double* acc) {
       const int64_t off = u0 * C;
       loops::grad_sums_rows(grad_out + off, offset_or_null(out, off), x + off, u1 - u0, C, m, acc, acc + C,
                             offset_or_null(masked, off));
     });
-  } else {
-    sums.assign(static_cast<size_t>(2 * C), 0.0);
-    parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t off = c * v.inner;
-        loops::grad_sums_planes(grad_out + off, offset_or_null(out, off), x + off, v.outer, C * v.inner, v.inner,
-                                m[c], &sums[c], &sums[C + c], offset_or_null(masked, off));
-      }
-    });
   }
-  for (int64_t c = 0; c < C; ++c) {
-    sums[C + c] = recentre(sums[C + c], sums[c], static_cast<double>(m[c]), center[c]);
-  }
+  std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);
+  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t off = c * v.inner;
+      loops::grad_sums_planes(grad_out + off, offset_or_null(out, off), x + off, v.outer, C * v.inner, v.inner, m[c],
+                              &sums[c], &sums[C + c], offset_or_null(masked, off));
+    }
+  });
   return sums;
 }
 
