@@ -2,14 +2,16 @@
 //
 // The loops are written once on 16-lane vectors of GCC/Clang's vector extension. The compiler lowers a 16-lane
 // vector to whatever the instruction set of the function at hand has (4 SSE registers, 2 AVX2, 1 AVX-512): the
-// lanes, and so the order of every sum, are the same on every machine and at every thread count.
+// lanes, and so the order of every sum, are the same on every machine and at every thread count (the last bits
+// can differ between instruction sets, where the compiler fuses a multiply and an add into one FMA).
 //
 // The extension is compiled for the baseline x86-64 (SSE2), like PyTorch itself; ATen's own CPU kernels are
 // compiled once per instruction set and picked at run time (DispatchStub). RESFUSE_CPU_CLONES does the same for
 // one function: with GCC 12 or newer on x86-64 Linux it compiles the function for x86-64-v4 (AVX-512),
 // x86-64-v3 (AVX2 + FMA) and the baseline, and the loader picks the best the CPU runs (an ifunc). Functions that
 // carry it only call always-inlined code, so everything they run is compiled for the clone's instruction set.
-// Elsewhere (other compilers, other architectures) it is empty and the baseline is compiled.
+// Elsewhere (other compilers, other architectures), or built with -DRESFUSE_NO_CPU_CLONES (to test the baseline
+// on a machine that has more), it is empty and the baseline is compiled.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +21,8 @@
 #error "resfuse's CPU loops are written on GCC/Clang vector extensions: build with GCC or Clang"
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && \
+    !defined(RESFUSE_NO_CPU_CLONES)
 #define RESFUSE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RESFUSE_CPU_CLONES
