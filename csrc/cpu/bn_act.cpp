@@ -70,17 +70,14 @@ void forward_planes(const ChannelView& v, const scalar_t* x, const scalar_t* res
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = v.channels, inner = v.inner, stride = C * inner;
   const double n = static_cast<double>(v.per_channel());
-  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * inner;
-      const opmath_t pivot = pivot_of(v, x, c);
-      double sum = 0.0, sum_sq = 0.0;
-      loops::shifted_sums_planes(x + off, v.outer, stride, inner, pivot, &sum, &sum_sq);
-      st.finish(c, static_cast<double>(pivot), sum, sum_sq, n, eps);
-      const auto map = output_map<opmath_t>(st, c, w[c], b[c]);
-      loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, stride, inner, map.center,
-                               map.scale, map.shift, relu);
-    }
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    const opmath_t pivot = pivot_of(v, x, c);
+    double sum = 0.0, sum_sq = 0.0;
+    loops::shifted_sums_planes(x + off, v.outer, stride, inner, pivot, &sum, &sum_sq);
+    st.finish(c, static_cast<double>(pivot), sum, sum_sq, n, eps);
+    const auto map = output_map<opmath_t>(st, c, w[c], b[c]);
+    loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, stride, inner, map.center,
+                             map.scale, map.shift, relu);
   });
 }
 
@@ -201,20 +198,17 @@ void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a,
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = v.channels, inner = v.inner, stride = C * inner;
   const double n = static_cast<double>(v.per_channel());
-  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * inner;
-      double sum_g = 0.0, sum_gx = 0.0;
-      if (a.need_sums) {
-        loops::grad_sums_planes(a.grad_out + off, offset_or_null(a.out, off), a.x + off, v.outer, stride, inner,
-                                mean[c], &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
-      }
-      const auto coef = sums.finish<opmath_t>(c, sum_g, sum_gx, mean[c], invstd[c], w[c], n);
-      if (a.need_apply()) {
-        loops::grad_apply_planes(a.g_source() + off, offset_or_null(a.g_mask(), off), a.x + off, v.outer, stride,
-                                 inner, coef, offset_or_null(a.grad_input, off),
-                                 offset_or_null(a.residual_in_apply(), off));
-      }
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    double sum_g = 0.0, sum_gx = 0.0;
+    if (a.need_sums) {
+      loops::grad_sums_planes(a.grad_out + off, offset_or_null(a.out, off), a.x + off, v.outer, stride, inner,
+                              mean[c], &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
+    }
+    const auto coef = sums.finish<opmath_t>(c, sum_g, sum_gx, mean[c], invstd[c], w[c], n);
+    if (a.need_apply()) {
+      loops::grad_apply_planes(a.g_source() + off, offset_or_null(a.g_mask(), off), a.x + off, v.outer, stride,
+                               inner, coef, offset_or_null(a.grad_input, off),
+                               offset_or_null(a.residual_in_apply(), off));
     }
   });
 }

@@ -1,9 +1,13 @@
 // The vectorised inner loops declared in csrc/cpu/channel_loops.h.
 //
-// Each loop is an always-inlined template (the *_impl below) with its options (residual, ReLU mask, which
-// outputs) as template parameters, so the vector step has no branch. The exported functions pick the variant;
-// for float and double they carry RESFUSE_CPU_CLONES (csrc/cpu/simd.h), so the variant is compiled once per
-// instruction set. Half and bfloat16 run the scalar loops only: the vector step is for float and double.
+// Two loop skeletons per shape of work, planes and rows: one runs an elementwise step over every element, the
+// other adds the two sums of a step into double. The steps (below the skeletons) say what one vector of 16
+// elements, or one element, does; their per-channel values are a Scalar (the planes of one channel) or a
+// PerChannel array (rows). Options (residual, ReLU mask, which outputs) are template parameters, so the vector
+// step has no branch; the exported functions at the bottom pick the variant, and for float and double carry
+// RESFUSE_CPU_CLONES (csrc/cpu/simd.h): each variant is compiled once per instruction set. Everything they call is
+// always inlined (functors, not lambdas, whose bodies a clone might not compile for its instruction set). Half and
+// bfloat16 run the scalar steps only.
 #include "channel_loops.h"
 
 #include "simd.h"
@@ -28,7 +32,7 @@ constexpr int64_t kHalfLanes = kLanes / 2;
 
 // Sums run in two levels: 16 lanes of at::opmath_type<T> take a short block of elements each (kBlockSteps vector
 // steps of a plane, kRowBlock rows), then go into double lanes. Most of the arithmetic stays in float, 16 lanes a
-// register; no float partial sums more than 8 terms.
+// register; no float partial sum has more than 8 terms.
 constexpr int64_t kBlockSteps = 8;
 constexpr int64_t kRowBlock = 8;
 
@@ -36,13 +40,16 @@ template <typename T>
 constexpr bool kVectorised = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 template <typename T>
-RESFUSE_ALWAYS_INLINE double as_double(T v) {
-  return static_cast<double>(static_cast<opmath_t<T>>(v));
-}
+using VecOf = simd::Vec<opmath_t<T>>;
 
 template <typename T>
 RESFUSE_ALWAYS_INLINE opmath_t<T> as_opmath(T v) {
   return static_cast<opmath_t<T>>(v);
+}
+
+template <typename T>
+RESFUSE_ALWAYS_INLINE double as_double(T v) {
+  return static_cast<double>(as_opmath(v));
 }
 
 // Adds the 16 lanes of v (of opmath type M) into two vectors of 8 doubles.
@@ -64,6 +71,104 @@ RESFUSE_ALWAYS_INLINE void add_to_doubles(const simd::Vec<M>& v, double* acc) {
   store(acc + kHalfLanes, high);
 }
 
+// A per-channel value of a step: one for every element (a channel's planes), or channel c's of an array (rows;
+// vec(c) is channels c..c+15).
+template <typename M>
+struct Scalar {
+  M value;
+  RESFUSE_ALWAYS_INLINE simd::Vec<M> vec(int64_t) const { return simd::Vec<M>{} + value; }
+  RESFUSE_ALWAYS_INLINE M at(int64_t) const { return value; }
+};
+
+template <typename M>
+struct PerChannel {
+  const M* values;
+  RESFUSE_ALWAYS_INLINE simd::Vec<M> vec(int64_t c) const { return load<simd::Vec<M>>(values + c); }
+  RESFUSE_ALWAYS_INLINE M at(int64_t c) const { return values[c]; }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Skeletons. `i` is an element's index from the start of the data, `c` its channel in the rows (0 for planes,
+// whose steps hold scalars).
+
+// step.vector(i, c) on 16 elements from i; step.scalar(i, c) on one.
+template <bool kVector, typename Step>
+RESFUSE_ALWAYS_INLINE void each_in_planes(const Step& step, int64_t planes, int64_t stride, int64_t n) {
+  for (int64_t p = 0; p < planes; ++p) {
+    const int64_t base = p * stride;
+    int64_t i = 0;
+    if constexpr (kVector) {
+      for (; i + kLanes <= n; i += kLanes) step.vector(base + i, 0);
+    }
+    for (; i < n; ++i) step.scalar(base + i, 0);
+  }
+}
+
+template <bool kVector, typename Step>
+RESFUSE_ALWAYS_INLINE void each_in_rows(const Step& step, int64_t rows, int64_t C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = r * C;
+    int64_t c = 0;
+    if constexpr (kVector) {
+      for (; c + kLanes <= C; c += kLanes) step.vector(base + c, c);
+    }
+    for (; c < C; ++c) step.scalar(base + c, c);
+  }
+}
+
+// Two sums: step.vector(i, c, a, b) adds the terms of 16 elements into lanes a and b (opmath type M),
+// step.scalar(i, c, sa, sb) one element's into doubles. Adds the totals to *sum_a, *sum_b.
+template <typename M, bool kVector, typename Step>
+RESFUSE_ALWAYS_INLINE void two_sums_in_planes(const Step& step, int64_t planes, int64_t stride, int64_t n,
+                                              double* sum_a, double* sum_b) {
+  using V = simd::Vec<M>;
+  double sa = 0.0, sb = 0.0;  // the elements past the last whole vector of each plane
+  Doubles a0{}, a1{}, b0{}, b1{};
+  for (int64_t p = 0; p < planes; ++p) {
+    const int64_t base = p * stride;
+    int64_t i = 0;
+    if constexpr (kVector) {
+      while (i + kLanes <= n) {
+        V a{}, b{};
+        for (int64_t k = 0; k < kBlockSteps && i + kLanes <= n; ++k, i += kLanes) step.vector(base + i, 0, a, b);
+        add_to_doubles<M>(a, a0, a1);
+        add_to_doubles<M>(b, b0, b1);
+      }
+    }
+    for (; i < n; ++i) step.scalar(base + i, 0, sa, sb);
+  }
+  *sum_a += sum_lanes(a0 + a1) + sa;
+  *sum_b += sum_lanes(b0 + b1) + sb;
+}
+
+// The same over rows, per channel: sum_a[c], sum_b[c].
+template <typename M, bool kVector, typename Step>
+RESFUSE_ALWAYS_INLINE void two_sums_in_rows(const Step& step, int64_t rows, int64_t C, double* sum_a,
+                                            double* sum_b) {
+  using V = simd::Vec<M>;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    const int64_t r1 = std::min(rows, r0 + kRowBlock);
+    int64_t c = 0;
+    if constexpr (kVector) {
+      for (; c + kLanes <= C; c += kLanes) {
+        V a{}, b{};
+        for (int64_t r = r0; r < r1; ++r) step.vector(r * C + c, c, a, b);
+        add_to_doubles<M>(a, sum_a + c);
+        add_to_doubles<M>(b, sum_b + c);
+      }
+    }
+    for (; c < C; ++c) {
+      double sa = sum_a[c], sb = sum_b[c];
+      for (int64_t r = r0; r < r1; ++r) step.scalar(r * C + c, c, sa, sb);
+      sum_a[c] = sa;
+      sum_b[c] = sb;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Steps
+
 // The ReLU mask of the backward: g = out > 0 ? grad_out : 0 (0 where out is 0 or NaN).
 template <bool kMask, typename T>
 RESFUSE_ALWAYS_INLINE opmath_t<T> masked_grad(const T* grad_out, const T* out, int64_t i) {
@@ -74,8 +179,9 @@ RESFUSE_ALWAYS_INLINE opmath_t<T> masked_grad(const T* grad_out, const T* out, i
   }
 }
 
-template <bool kMask, typename V, typename T>
-RESFUSE_ALWAYS_INLINE V masked_grad_vector(const T* grad_out, const T* out, int64_t i) {
+template <bool kMask, typename T>
+RESFUSE_ALWAYS_INLINE VecOf<T> masked_grad_vector(const T* grad_out, const T* out, int64_t i) {
+  using V = VecOf<T>;
   const V g = load<V>(grad_out + i);
   if constexpr (kMask) {
     return simd::select(load<V>(out + i) > simd::zeros<V>(), g);
@@ -84,294 +190,137 @@ RESFUSE_ALWAYS_INLINE V masked_grad_vector(const T* grad_out, const T* out, int6
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Statistics of the forward
+// d = x - pivot:  sums d and d^2.
+template <typename T, typename P>
+struct ShiftedSquares {
+  const T* x;
+  P pivot;
 
-template <typename T>
-RESFUSE_ALWAYS_INLINE void shifted_sums_planes_impl(const T* x, int64_t planes, int64_t stride, int64_t n,
-                                                    opmath_t<T> pivot, double* sum, double* sum_sq) {
-  using M = opmath_t<T>;
-  double s = 0.0, q = 0.0;  // the elements past the last whole vector of each plane
-  Doubles s0{}, s1{}, q0{}, q1{};
-  for (int64_t p = 0; p < planes; ++p) {
-    const T* xp = x + p * stride;
-    int64_t i = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<M>;
-      while (i + kLanes <= n) {
-        V bs{}, bq{};
-        for (int64_t k = 0; k < kBlockSteps && i + kLanes <= n; ++k, i += kLanes) {
-          const V d = load<V>(xp + i) - pivot;
-          bs += d;
-          bq += d * d;
-        }
-        add_to_doubles<M>(bs, s0, s1);
-        add_to_doubles<M>(bq, q0, q1);
-      }
-    }
-    for (; i < n; ++i) {
-      const double d = as_double(xp[i]) - static_cast<double>(pivot);
-      s += d;
-      q += d * d;
+  RESFUSE_ALWAYS_INLINE void vector(int64_t i, int64_t c, VecOf<T>& a, VecOf<T>& b) const {
+    const VecOf<T> d = load<VecOf<T>>(x + i) - pivot.vec(c);
+    a += d;
+    b += d * d;
+  }
+  RESFUSE_ALWAYS_INLINE void scalar(int64_t i, int64_t c, double& sa, double& sb) const {
+    const double d = as_double(x[i]) - static_cast<double>(pivot.at(c));
+    sa += d;
+    sb += d * d;
+  }
+};
+
+// out = act((x - center)*scale + shift + residual).
+template <typename T, bool kResidual, bool kRelu, typename P>
+struct AffineAct {
+  const T* x;
+  const T* residual;
+  T* out;
+  P center, scale, shift;
+
+  RESFUSE_ALWAYS_INLINE void vector(int64_t i, int64_t c) const {
+    VecOf<T> y = (load<VecOf<T>>(x + i) - center.vec(c)) * scale.vec(c) + shift.vec(c);
+    if constexpr (kResidual) y += load<VecOf<T>>(residual + i);
+    if constexpr (kRelu) y = simd::relu(y);
+    store(out + i, y);
+  }
+  RESFUSE_ALWAYS_INLINE void scalar(int64_t i, int64_t c) const {
+    using M = opmath_t<T>;
+    M y = (as_opmath(x[i]) - center.at(c)) * scale.at(c) + shift.at(c);
+    if constexpr (kResidual) y += as_opmath(residual[i]);
+    // `y < 0` rather than `y > 0` keeps NaN as NaN, like torch.relu.
+    if constexpr (kRelu) y = y < M(0) ? M(0) : y;
+    out[i] = static_cast<T>(y);
+  }
+};
+
+// g (masked grad_out, stored at `masked`):  sums g and g*(x - center).
+template <typename T, bool kMask, bool kStore, typename P>
+struct GradTerms {
+  const T* grad_out;
+  const T* out;
+  const T* x;
+  T* masked;
+  P center;
+
+  RESFUSE_ALWAYS_INLINE void vector(int64_t i, int64_t c, VecOf<T>& a, VecOf<T>& b) const {
+    const VecOf<T> g = masked_grad_vector<kMask>(grad_out, out, i);
+    if constexpr (kStore) store(masked + i, g);
+    a += g;
+    b += g * (load<VecOf<T>>(x + i) - center.vec(c));
+  }
+  RESFUSE_ALWAYS_INLINE void scalar(int64_t i, int64_t c, double& sa, double& sb) const {
+    const auto g = masked_grad<kMask>(grad_out, out, i);
+    if constexpr (kStore) masked[i] = static_cast<T>(g);
+    sa += static_cast<double>(g);
+    sb += static_cast<double>(g) * (as_double(x[i]) - static_cast<double>(center.at(c)));
+  }
+};
+
+// g as in GradTerms;  grad_input = (g - k1 - (x - center)*m2)*a;  grad_residual = g.
+template <typename T, bool kMask, bool kInput, bool kResidual, typename P>
+struct GradApply {
+  const T* grad_out;
+  const T* out;
+  const T* x;
+  T* grad_input;
+  T* grad_residual;
+  P center, k1, m2, a;
+
+  RESFUSE_ALWAYS_INLINE void vector(int64_t i, int64_t c) const {
+    const VecOf<T> g = masked_grad_vector<kMask>(grad_out, out, i);
+    if constexpr (kResidual) store(grad_residual + i, g);
+    if constexpr (kInput) {
+      const VecOf<T> xc = load<VecOf<T>>(x + i) - center.vec(c);
+      store(grad_input + i, (g - k1.vec(c) - xc * m2.vec(c)) * a.vec(c));
     }
   }
-  *sum += sum_lanes(s0 + s1) + s;
-  *sum_sq += sum_lanes(q0 + q1) + q;
-}
-
-template <typename T>
-RESFUSE_ALWAYS_INLINE void shifted_sums_rows_impl(const T* x, int64_t rows, int64_t channels,
-                                                  const opmath_t<T>* pivot, double* sum, double* sum_sq) {
-  using M = opmath_t<T>;
-  const int64_t C = channels;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const int64_t r1 = std::min(rows, r0 + kRowBlock);
-    int64_t c = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<M>;
-      for (; c + kLanes <= C; c += kLanes) {
-        const V k = load<V>(pivot + c);
-        V bs{}, bq{};
-        for (int64_t r = r0; r < r1; ++r) {
-          const V d = load<V>(x + r * C + c) - k;
-          bs += d;
-          bq += d * d;
-        }
-        add_to_doubles<M>(bs, sum + c);
-        add_to_doubles<M>(bq, sum_sq + c);
-      }
-    }
-    for (; c < C; ++c) {
-      double s = sum[c], q = sum_sq[c];
-      for (int64_t r = r0; r < r1; ++r) {
-        const double d = as_double(x[r * C + c]) - static_cast<double>(pivot[c]);
-        s += d;
-        q += d * d;
-      }
-      sum[c] = s;
-      sum_sq[c] = q;
+  RESFUSE_ALWAYS_INLINE void scalar(int64_t i, int64_t c) const {
+    const auto g = masked_grad<kMask>(grad_out, out, i);
+    if constexpr (kResidual) grad_residual[i] = static_cast<T>(g);
+    if constexpr (kInput) {
+      grad_input[i] = static_cast<T>((g - k1.at(c) - (as_opmath(x[i]) - center.at(c)) * m2.at(c)) * a.at(c));
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The forward's elementwise pass
-
-template <typename T, bool kResidual, bool kRelu>
-RESFUSE_ALWAYS_INLINE void affine_act_planes_impl(const T* x, const T* residual, T* out, int64_t planes,
-                                                  int64_t stride, int64_t n, opmath_t<T> center, opmath_t<T> scale,
-                                                  opmath_t<T> shift) {
-  using M = opmath_t<T>;
-  for (int64_t p = 0; p < planes; ++p) {
-    const int64_t base = p * stride;
-    int64_t i = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<T>;
-      for (; i + kLanes <= n; i += kLanes) {
-        V y = (load<V>(x + base + i) - center) * scale + shift;
-        if constexpr (kResidual) y += load<V>(residual + base + i);
-        if constexpr (kRelu) y = simd::relu(y);
-        store(out + base + i, y);
-      }
-    }
-    for (; i < n; ++i) {
-      M y = (as_opmath(x[base + i]) - center) * scale + shift;
-      if constexpr (kResidual) y += as_opmath(residual[base + i]);
-      // `y < 0` rather than `y > 0` keeps NaN as NaN, like torch.relu.
-      if constexpr (kRelu) y = y < M(0) ? M(0) : y;
-      out[base + i] = static_cast<T>(y);
-    }
-  }
-}
-
-template <typename T, bool kResidual, bool kRelu>
-RESFUSE_ALWAYS_INLINE void affine_act_rows_impl(const T* x, const T* residual, T* out, int64_t rows,
-                                                int64_t channels, const opmath_t<T>* center,
-                                                const opmath_t<T>* scale, const opmath_t<T>* shift) {
-  using M = opmath_t<T>;
-  const int64_t C = channels;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t base = r * C;
-    int64_t c = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<T>;
-      for (; c + kLanes <= C; c += kLanes) {
-        V y = (load<V>(x + base + c) - load<V>(center + c)) * load<V>(scale + c) + load<V>(shift + c);
-        if constexpr (kResidual) y += load<V>(residual + base + c);
-        if constexpr (kRelu) y = simd::relu(y);
-        store(out + base + c, y);
-      }
-    }
-    for (; c < C; ++c) {
-      M y = (as_opmath(x[base + c]) - center[c]) * scale[c] + shift[c];
-      if constexpr (kResidual) y += as_opmath(residual[base + c]);
-      if constexpr (kRelu) y = y < M(0) ? M(0) : y;
-      out[base + c] = static_cast<T>(y);
-    }
-  }
-}
+};
 
 // ---------------------------------------------------------------------------------------------------------------
-// The backward's sums
+// Run-time options to template parameters (plain branches: see the top). kRows: `count` rows of C = n channels,
+// per-channel values PerChannel; otherwise `count` planes of n, `stride` apart, per-channel values Scalar.
 
-// One vector step of the backward's sums: g at `i` (stored at masked + i), added into bg; g*(x - center) into bx.
-template <typename T, bool kMask, bool kStore>
-RESFUSE_ALWAYS_INLINE void grad_sums_step(const T* grad_out, const T* out, const T* x, int64_t i,
-                                          const simd::Vec<opmath_t<T>>& center, simd::Vec<opmath_t<T>>& bg,
-                                          simd::Vec<opmath_t<T>>& bx, T* masked) {
-  using V = simd::Vec<opmath_t<T>>;
-  const V g = masked_grad_vector<kMask, V>(grad_out, out, i);
-  if constexpr (kStore) store(masked + i, g);
-  bg += g;
-  bx += g * (load<V>(x + i) - center);
-}
+template <typename T, bool kRows>
+using ParamOf = std::conditional_t<kRows, PerChannel<opmath_t<T>>, Scalar<opmath_t<T>>>;
 
-template <typename T, bool kMask, bool kStore>
-RESFUSE_ALWAYS_INLINE void grad_sums_scalar(const T* grad_out, const T* out, const T* x, int64_t i,
-                                            double center, double& sum_g, double& sum_gx, T* masked) {
-  const auto g = masked_grad<kMask>(grad_out, out, i);
-  if constexpr (kStore) masked[i] = static_cast<T>(g);
-  sum_g += static_cast<double>(g);
-  sum_gx += static_cast<double>(g) * (as_double(x[i]) - center);
-}
-
-template <typename T, bool kMask, bool kStore>
-RESFUSE_ALWAYS_INLINE void grad_sums_planes_impl(const T* grad_out, const T* out, const T* x, int64_t planes,
-                                                 int64_t stride, int64_t n, opmath_t<T> center, double* sum_g,
-                                                 double* sum_gx, T* masked) {
-  using M = opmath_t<T>;
-  double sg = 0.0, sx = 0.0;  // the elements past the last whole vector of each plane
-  Doubles g0{}, g1{}, x0{}, x1{};
-  for (int64_t p = 0; p < planes; ++p) {
-    const int64_t base = p * stride;
-    const T* o = kMask ? out + base : nullptr;
-    T* mk = kStore ? masked + base : nullptr;
-    int64_t i = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<M>;
-      const V m = V{} + center;
-      while (i + kLanes <= n) {
-        V bg{}, bx{};
-        for (int64_t k = 0; k < kBlockSteps && i + kLanes <= n; ++k, i += kLanes) {
-          grad_sums_step<T, kMask, kStore>(grad_out + base, o, x + base, i, m, bg, bx, mk);
-        }
-        add_to_doubles<M>(bg, g0, g1);
-        add_to_doubles<M>(bx, x0, x1);
-      }
-    }
-    for (; i < n; ++i) {
-      grad_sums_scalar<T, kMask, kStore>(grad_out + base, o, x + base, i, static_cast<double>(center), sg, sx, mk);
-    }
-  }
-  *sum_g += sum_lanes(g0 + g1) + sg;
-  *sum_gx += sum_lanes(x0 + x1) + sx;
-}
-
-template <typename T, bool kMask, bool kStore>
-RESFUSE_ALWAYS_INLINE void grad_sums_rows_impl(const T* grad_out, const T* out, const T* x, int64_t rows,
-                                               int64_t channels, const opmath_t<T>* center, double* sum_g,
-                                               double* sum_gx, T* masked) {
-  using M = opmath_t<T>;
-  const int64_t C = channels;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-    const int64_t r1 = std::min(rows, r0 + kRowBlock);
-    int64_t c = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<M>;
-      for (; c + kLanes <= C; c += kLanes) {
-        const V m = load<V>(center + c);
-        V bg{}, bx{};
-        for (int64_t r = r0; r < r1; ++r) {
-          grad_sums_step<T, kMask, kStore>(grad_out, out, x, r * C + c, m, bg, bx, masked);
-        }
-        add_to_doubles<M>(bg, sum_g + c);
-        add_to_doubles<M>(bx, sum_gx + c);
-      }
-    }
-    for (; c < C; ++c) {
-      double sg = sum_g[c], sx = sum_gx[c];
-      for (int64_t r = r0; r < r1; ++r) {
-        grad_sums_scalar<T, kMask, kStore>(grad_out, out, x, r * C + c, static_cast<double>(center[c]), sg, sx,
-                                           masked);
-      }
-      sum_g[c] = sg;
-      sum_gx[c] = sx;
-    }
+template <typename T, bool kRows, typename Step>
+RESFUSE_ALWAYS_INLINE void run_each(const Step& step, int64_t count, int64_t stride, int64_t n) {
+  if constexpr (kRows) {
+    each_in_rows<kVectorised<T>>(step, count, n);
+  } else {
+    each_in_planes<kVectorised<T>>(step, count, stride, n);
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The backward's elementwise pass
-
-template <typename T, bool kMask, bool kInput, bool kResidual>
-RESFUSE_ALWAYS_INLINE void grad_apply_planes_impl(const T* grad_out, const T* out, const T* x, int64_t planes,
-                                                  int64_t stride, int64_t n, GradCoefficients<opmath_t<T>> k,
-                                                  T* grad_input, T* grad_residual) {
-  using M = opmath_t<T>;
-  for (int64_t p = 0; p < planes; ++p) {
-    const int64_t base = p * stride;
-    int64_t i = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<T>;
-      for (; i + kLanes <= n; i += kLanes) {
-        const V g = masked_grad_vector<kMask, V>(grad_out, out, base + i);
-        if constexpr (kResidual) store(grad_residual + base + i, g);
-        if constexpr (kInput) {
-          store(grad_input + base + i, (g - k.k1 - (load<V>(x + base + i) - k.center) * k.m2) * k.a);
-        }
-      }
-    }
-    for (; i < n; ++i) {
-      const int64_t j = base + i;
-      const M g = masked_grad<kMask>(grad_out, out, j);
-      if constexpr (kResidual) grad_residual[j] = static_cast<T>(g);
-      if constexpr (kInput) grad_input[j] = static_cast<T>((g - k.k1 - (as_opmath(x[j]) - k.center) * k.m2) * k.a);
-    }
+template <typename T, bool kRows, typename Step>
+RESFUSE_ALWAYS_INLINE void run_two_sums(const Step& step, int64_t count, int64_t stride, int64_t n, double* sum_a,
+                                        double* sum_b) {
+  if constexpr (kRows) {
+    two_sums_in_rows<opmath_t<T>, kVectorised<T>>(step, count, n, sum_a, sum_b);
+  } else {
+    two_sums_in_planes<opmath_t<T>, kVectorised<T>>(step, count, stride, n, sum_a, sum_b);
   }
 }
 
-template <typename T, bool kMask, bool kInput, bool kResidual>
-RESFUSE_ALWAYS_INLINE void grad_apply_rows_impl(const T* grad_out, const T* out, const T* x, int64_t rows,
-                                                int64_t channels, GradCoefficientArrays<opmath_t<T>> k,
-                                                T* grad_input, T* grad_residual) {
-  using M = opmath_t<T>;
-  const int64_t C = channels;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t base = r * C;
-    int64_t c = 0;
-    if constexpr (kVectorised<T>) {
-      using V = simd::Vec<T>;
-      for (; c + kLanes <= C; c += kLanes) {
-        const int64_t i = base + c;
-        const V g = masked_grad_vector<kMask, V>(grad_out, out, i);
-        if constexpr (kResidual) store(grad_residual + i, g);
-        if constexpr (kInput) {
-          const V xc = load<V>(x + i) - load<V>(k.center + c);
-          store(grad_input + i, (g - load<V>(k.k1 + c) - xc * load<V>(k.m2 + c)) * load<V>(k.a + c));
-        }
-      }
-    }
-    for (; c < C; ++c) {
-      const int64_t i = base + c;
-      const M g = masked_grad<kMask>(grad_out, out, i);
-      if constexpr (kResidual) grad_residual[i] = static_cast<T>(g);
-      if constexpr (kInput) {
-        grad_input[i] = static_cast<T>((g - k.k1[c] - (as_opmath(x[i]) - k.center[c]) * k.m2[c]) * k.a[c]);
-      }
-    }
-  }
+template <typename T, bool kRows>
+RESFUSE_ALWAYS_INLINE void shifted_sums_any(const T* x, ParamOf<T, kRows> pivot, int64_t count, int64_t stride,
+                                            int64_t n, double* sum, double* sum_sq) {
+  run_two_sums<T, kRows>(ShiftedSquares<T, ParamOf<T, kRows>>{x, pivot}, count, stride, n, sum, sum_sq);
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Run-time options to template parameters. Plain branches, no lambdas: a lambda is a function of its own, which
-// a clone would not compile for its instruction set unless the compiler chose to inline it.
-
-template <typename T>
-RESFUSE_ALWAYS_INLINE void affine_act_planes_any(const T* x, const T* residual, T* out, int64_t planes,
-                                                 int64_t stride, int64_t n, opmath_t<T> center, opmath_t<T> scale,
-                                                 opmath_t<T> shift, bool relu) {
+template <typename T, bool kRows>
+RESFUSE_ALWAYS_INLINE void affine_act_any(const T* x, const T* residual, T* out, ParamOf<T, kRows> center,
+                                          ParamOf<T, kRows> scale, ParamOf<T, kRows> shift, bool relu, int64_t count,
+                                          int64_t stride, int64_t n) {
+  using P = ParamOf<T, kRows>;
 #define RESFUSE_CALL(RES, RELU) \
-  affine_act_planes_impl<T, RES, RELU>(x, residual, out, planes, stride, n, center, scale, shift)
+  run_each<T, kRows>(AffineAct<T, RES, RELU, P>{x, residual, out, center, scale, shift}, count, stride, n)
   if (residual != nullptr) {
     if (relu) RESFUSE_CALL(true, true); else RESFUSE_CALL(true, false);
   } else {
@@ -380,26 +329,14 @@ RESFUSE_ALWAYS_INLINE void affine_act_planes_any(const T* x, const T* residual, 
 #undef RESFUSE_CALL
 }
 
-template <typename T>
-RESFUSE_ALWAYS_INLINE void affine_act_rows_any(const T* x, const T* residual, T* out, int64_t rows,
-                                               int64_t channels, const opmath_t<T>* center,
-                                               const opmath_t<T>* scale, const opmath_t<T>* shift, bool relu) {
-#define RESFUSE_CALL(RES, RELU) \
-  affine_act_rows_impl<T, RES, RELU>(x, residual, out, rows, channels, center, scale, shift)
-  if (residual != nullptr) {
-    if (relu) RESFUSE_CALL(true, true); else RESFUSE_CALL(true, false);
-  } else {
-    if (relu) RESFUSE_CALL(false, true); else RESFUSE_CALL(false, false);
-  }
-#undef RESFUSE_CALL
-}
-
-template <typename T>
-RESFUSE_ALWAYS_INLINE void grad_sums_planes_any(const T* grad_out, const T* out, const T* x, int64_t planes,
-                                                int64_t stride, int64_t n, opmath_t<T> center, double* sum_g,
-                                                double* sum_gx, T* masked) {
-#define RESFUSE_CALL(MASK, STORE) \
-  grad_sums_planes_impl<T, MASK, STORE>(grad_out, out, x, planes, stride, n, center, sum_g, sum_gx, masked)
+template <typename T, bool kRows>
+RESFUSE_ALWAYS_INLINE void grad_sums_any(const T* grad_out, const T* out, const T* x, ParamOf<T, kRows> center,
+                                         T* masked, int64_t count, int64_t stride, int64_t n, double* sum_g,
+                                         double* sum_gx) {
+  using P = ParamOf<T, kRows>;
+#define RESFUSE_CALL(MASK, STORE)                                                                                   \
+  run_two_sums<T, kRows>(GradTerms<T, MASK, STORE, P>{grad_out, out, x, masked, center}, count, stride, n, sum_g, \
+                         sum_gx)
   if (out != nullptr) {
     if (masked != nullptr) RESFUSE_CALL(true, true); else RESFUSE_CALL(true, false);
   } else {
@@ -408,105 +345,77 @@ RESFUSE_ALWAYS_INLINE void grad_sums_planes_any(const T* grad_out, const T* out,
 #undef RESFUSE_CALL
 }
 
-template <typename T>
-RESFUSE_ALWAYS_INLINE void grad_sums_rows_any(const T* grad_out, const T* out, const T* x, int64_t rows,
-                                              int64_t channels, const opmath_t<T>* center, double* sum_g,
-                                              double* sum_gx, T* masked) {
-#define RESFUSE_CALL(MASK, STORE) \
-  grad_sums_rows_impl<T, MASK, STORE>(grad_out, out, x, rows, channels, center, sum_g, sum_gx, masked)
+template <typename T, bool kRows>
+RESFUSE_ALWAYS_INLINE void grad_apply_any(const T* grad_out, const T* out, const T* x, ParamOf<T, kRows> center,
+                                          ParamOf<T, kRows> k1, ParamOf<T, kRows> m2, ParamOf<T, kRows> a,
+                                          T* grad_input, T* grad_residual, int64_t count, int64_t stride, int64_t n) {
+  using P = ParamOf<T, kRows>;
+#define RESFUSE_CALL(MASK, INPUT, RESIDUAL)                                                                   \
+  run_each<T, kRows>(GradApply<T, MASK, INPUT, RESIDUAL, P>{grad_out, out, x, grad_input, grad_residual, center, \
+                                                           k1, m2, a},                                         \
+                     count, stride, n)
+#define RESFUSE_CALL_OUTPUTS(MASK)                                                            \
+  if (grad_input != nullptr && grad_residual != nullptr) RESFUSE_CALL(MASK, true, true);      \
+  else if (grad_input != nullptr) RESFUSE_CALL(MASK, true, false);                            \
+  else if (grad_residual != nullptr) RESFUSE_CALL(MASK, false, true)
   if (out != nullptr) {
-    if (masked != nullptr) RESFUSE_CALL(true, true); else RESFUSE_CALL(true, false);
+    RESFUSE_CALL_OUTPUTS(true);
   } else {
-    if (masked != nullptr) RESFUSE_CALL(false, true); else RESFUSE_CALL(false, false);
+    RESFUSE_CALL_OUTPUTS(false);
   }
+#undef RESFUSE_CALL_OUTPUTS
 #undef RESFUSE_CALL
 }
-
-// IMPL<T, mask, input, residual>(ARGS..., grad_input, grad_residual) for the outputs asked for; nothing when
-// neither is.
-#define RESFUSE_GRAD_APPLY_VARIANTS(IMPL, MASK, ...)                     \
-  do {                                                                   \
-    if (grad_input != nullptr && grad_residual != nullptr) {             \
-      IMPL<T, MASK, true, true>(__VA_ARGS__, grad_input, grad_residual); \
-    } else if (grad_input != nullptr) {                                  \
-      IMPL<T, MASK, true, false>(__VA_ARGS__, grad_input, grad_residual); \
-    } else if (grad_residual != nullptr) {                               \
-      IMPL<T, MASK, false, true>(__VA_ARGS__, grad_input, grad_residual); \
-    }                                                                    \
-  } while (false)
-
-template <typename T>
-RESFUSE_ALWAYS_INLINE void grad_apply_planes_any(const T* grad_out, const T* out, const T* x, int64_t planes,
-                                                 int64_t stride, int64_t n, GradCoefficients<opmath_t<T>> coef,
-                                                 T* grad_input, T* grad_residual) {
-  if (out != nullptr) {
-    RESFUSE_GRAD_APPLY_VARIANTS(grad_apply_planes_impl, true, grad_out, out, x, planes, stride, n, coef);
-  } else {
-    RESFUSE_GRAD_APPLY_VARIANTS(grad_apply_planes_impl, false, grad_out, out, x, planes, stride, n, coef);
-  }
-}
-
-template <typename T>
-RESFUSE_ALWAYS_INLINE void grad_apply_rows_any(const T* grad_out, const T* out, const T* x, int64_t rows,
-                                               int64_t channels, GradCoefficientArrays<opmath_t<T>> coef,
-                                               T* grad_input, T* grad_residual) {
-  if (out != nullptr) {
-    RESFUSE_GRAD_APPLY_VARIANTS(grad_apply_rows_impl, true, grad_out, out, x, rows, channels, coef);
-  } else {
-    RESFUSE_GRAD_APPLY_VARIANTS(grad_apply_rows_impl, false, grad_out, out, x, rows, channels, coef);
-  }
-}
-
-#undef RESFUSE_GRAD_APPLY_VARIANTS
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
 // The exported functions, per dtype. CLONES: RESFUSE_CPU_CLONES for the vectorised dtypes, nothing otherwise.
 
-#define RESFUSE_DEFINE_CHANNEL_LOOPS(T, CLONES)                                                                  \
-  template <>                                                                                                    \
-  CLONES void shifted_sums_planes<T>(const T* x, int64_t planes, int64_t stride, int64_t n, opmath_t<T> pivot,   \
-                                     double* sum, double* sum_sq) {                                              \
-    shifted_sums_planes_impl<T>(x, planes, stride, n, pivot, sum, sum_sq);                                      \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void shifted_sums_rows<T>(const T* x, int64_t rows, int64_t channels, const opmath_t<T>* pivot,         \
-                                   double* sum, double* sum_sq) {                                                \
-    shifted_sums_rows_impl<T>(x, rows, channels, pivot, sum, sum_sq);                                           \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void affine_act_planes<T>(const T* x, const T* residual, T* out, int64_t planes, int64_t stride,        \
-                                   int64_t n, opmath_t<T> center, opmath_t<T> scale, opmath_t<T> shift,          \
-                                   bool relu) {                                                                  \
-    affine_act_planes_any<T>(x, residual, out, planes, stride, n, center, scale, shift, relu);                   \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void affine_act_rows<T>(const T* x, const T* residual, T* out, int64_t rows, int64_t channels,          \
-                                 const opmath_t<T>* center, const opmath_t<T>* scale, const opmath_t<T>* shift,  \
-                                 bool relu) {                                                                    \
-    affine_act_rows_any<T>(x, residual, out, rows, channels, center, scale, shift, relu);                        \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void grad_sums_planes<T>(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride,   \
-                                  int64_t n, opmath_t<T> center, double* sum_g, double* sum_gx, T* masked) {     \
-    grad_sums_planes_any<T>(grad_out, out, x, planes, stride, n, center, sum_g, sum_gx, masked);                 \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void grad_sums_rows<T>(const T* grad_out, const T* out, const T* x, int64_t rows, int64_t channels,     \
-                                const opmath_t<T>* center, double* sum_g, double* sum_gx, T* masked) {           \
-    grad_sums_rows_any<T>(grad_out, out, x, rows, channels, center, sum_g, sum_gx, masked);                      \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void grad_apply_planes<T>(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride,  \
-                                   int64_t n, GradCoefficients<opmath_t<T>> coef, T* grad_input,                 \
-                                   T* grad_residual) {                                                           \
-    grad_apply_planes_any<T>(grad_out, out, x, planes, stride, n, coef, grad_input, grad_residual);              \
-  }                                                                                                              \
-  template <>                                                                                                    \
-  CLONES void grad_apply_rows<T>(const T* grad_out, const T* out, const T* x, int64_t rows, int64_t channels,    \
-                                 GradCoefficientArrays<opmath_t<T>> coef, T* grad_input, T* grad_residual) {     \
-    grad_apply_rows_any<T>(grad_out, out, x, rows, channels, coef, grad_input, grad_residual);                    \
+#define RESFUSE_DEFINE_CHANNEL_LOOPS(T, CLONES)                                                                   \
+  template <>                                                                                                     \
+  CLONES void shifted_sums_planes<T>(const T* x, int64_t planes, int64_t stride, int64_t n, opmath_t<T> pivot,    \
+                                     double* sum, double* sum_sq) {                                               \
+    shifted_sums_any<T, false>(x, {pivot}, planes, stride, n, sum, sum_sq);                                       \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void shifted_sums_rows<T>(const T* x, int64_t rows, int64_t channels, const opmath_t<T>* pivot,          \
+                                   double* sum, double* sum_sq) {                                                 \
+    shifted_sums_any<T, true>(x, {pivot}, rows, 0, channels, sum, sum_sq);                                        \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void affine_act_planes<T>(const T* x, const T* residual, T* out, int64_t planes, int64_t stride,         \
+                                   int64_t n, opmath_t<T> center, opmath_t<T> scale, opmath_t<T> shift,           \
+                                   bool relu) {                                                                   \
+    affine_act_any<T, false>(x, residual, out, {center}, {scale}, {shift}, relu, planes, stride, n);              \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void affine_act_rows<T>(const T* x, const T* residual, T* out, int64_t rows, int64_t channels,           \
+                                 const opmath_t<T>* center, const opmath_t<T>* scale, const opmath_t<T>* shift,   \
+                                 bool relu) {                                                                     \
+    affine_act_any<T, true>(x, residual, out, {center}, {scale}, {shift}, relu, rows, 0, channels);               \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void grad_sums_planes<T>(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride,    \
+                                  int64_t n, opmath_t<T> center, double* sum_g, double* sum_gx, T* masked) {      \
+    grad_sums_any<T, false>(grad_out, out, x, {center}, masked, planes, stride, n, sum_g, sum_gx);                \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void grad_sums_rows<T>(const T* grad_out, const T* out, const T* x, int64_t rows, int64_t channels,      \
+                                const opmath_t<T>* center, double* sum_g, double* sum_gx, T* masked) {            \
+    grad_sums_any<T, true>(grad_out, out, x, {center}, masked, rows, 0, channels, sum_g, sum_gx);                 \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void grad_apply_planes<T>(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride,   \
+                                   int64_t n, GradCoefficients<opmath_t<T>> k, T* grad_input, T* grad_residual) { \
+    grad_apply_any<T, false>(grad_out, out, x, {k.center}, {k.k1}, {k.m2}, {k.a}, grad_input, grad_residual,      \
+                             planes, stride, n);                                                                  \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  CLONES void grad_apply_rows<T>(const T* grad_out, const T* out, const T* x, int64_t rows, int64_t channels,     \
+                                 GradCoefficientArrays<opmath_t<T>> k, T* grad_input, T* grad_residual) {         \
+    grad_apply_any<T, true>(grad_out, out, x, {k.center}, {k.k1}, {k.m2}, {k.a}, grad_input, grad_residual, rows, \
+                            0, channels);                                                                         \
   }
 
 #define RESFUSE_NO_CLONES

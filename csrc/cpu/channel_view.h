@@ -76,13 +76,17 @@ inline void parallel_for_each(const ChannelView& v, const F& fn) {
   parallel_for_units(v, [&](int64_t begin, int64_t end) { visit_units(v, begin, end, fn); });
 }
 
-// NCHW (inner > 1): fn(c0, c1) over ranges of channels, in parallel; channel c's elements are the planes at
-// (o*C + c)*inner, o < outer. A kernel that runs all its passes over a channel inside one call keeps the
-// channel's planes in that core's cache between the passes.
+// NCHW (inner > 1): fn(c, offset) for every channel c, in parallel; its elements are the planes at
+// offset + o*C*inner, o < outer (offset = c*inner). A kernel that runs all its passes over a channel inside one
+// call keeps the channel's planes in that core's cache between the passes.
 template <typename F>
-inline void parallel_for_channels(const ChannelView& v, const F& fn) {
+inline void parallel_for_each_channel(const ChannelView& v, const F& fn) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, v.per_channel()));
-  at::parallel_for(0, v.channels, grain, fn);
+  at::parallel_for(0, v.channels, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      fn(c, c * v.inner);
+    }
+  });
 }
 
 // Per-channel sums of K quantities over ranges of units, returned as K*C doubles laid out [K][C].
@@ -144,10 +148,8 @@ std::vector<double> shifted_sums(const ChannelView& v, const scalar_t* x,
     });
   }
   std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);
-  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      loops::shifted_sums_planes(x + c * v.inner, v.outer, C * v.inner, v.inner, k[c], &sums[c], &sums[C + c]);
-    }
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    loops::shifted_sums_planes(x + off, v.outer, C * v.inner, v.inner, k[c], &sums[c], &sums[C + c]);
   });
   return sums;
 }
@@ -167,12 +169,9 @@ std::vector<double> grad_sums(const ChannelView& v, const scalar_t* grad_out, co
     });
   }
   std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);
-  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * v.inner;
-      loops::grad_sums_planes(grad_out + off, offset_or_null(out, off), x + off, v.outer, C * v.inner, v.inner, m[c],
-                              &sums[c], &sums[C + c], offset_or_null(masked, off));
-    }
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    loops::grad_sums_planes(grad_out + off, offset_or_null(out, off), x + off, v.outer, C * v.inner, v.inner, m[c],
+                            &sums[c], &sums[C + c], offset_or_null(masked, off));
   });
   return sums;
 }
@@ -192,13 +191,10 @@ void grad_apply(const ChannelView& v, const scalar_t* grad_out, const scalar_t* 
     });
     return;
   }
-  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * v.inner;
-      loops::grad_apply_planes(grad_out + off, offset_or_null(out, off), x + off, v.outer, C * v.inner, v.inner,
-                               {coef.center[c], coef.k1[c], coef.m2[c], coef.a[c]}, offset_or_null(grad_input, off),
-                               offset_or_null(grad_residual, off));
-    }
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    loops::grad_apply_planes(grad_out + off, offset_or_null(out, off), x + off, v.outer, C * v.inner, v.inner,
+                             {coef.center[c], coef.k1[c], coef.m2[c], coef.a[c]}, offset_or_null(grad_input, off),
+                             offset_or_null(grad_residual, off));
   });
 }
 
@@ -220,12 +216,9 @@ void affine_act(const ChannelView& v, const scalar_t* x, scalar_t* out,
     });
     return;
   }
-  parallel_for_channels(v, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t off = c * v.inner;
-      loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, C * v.inner, v.inner,
-                               center[c], scale[c], shift[c], relu);
-    }
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, C * v.inner, v.inner,
+                             center[c], scale[c], shift[c], relu);
   });
 }
 
