@@ -182,3 +182,66 @@ def test_nan_stays_where_it_is_in_the_vector_step(layout):
     r[1, 20, 2, 3] = float("nan")
     out, _, _ = ops.bn_act(x, None, None, r, None, None, MOMENTUM, EPS, True)
     assert torch.isnan(out[1, 20, 2, 3]) and torch.isnan(out).sum() == 1
+
+
+def _special_outputs(fn, leaves, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return [out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["input", "residual"])
+def test_special_values_in_vector_steps_and_tails_as_eager(layout, dtype, value, where):
+    """NaN and +-Inf in a vector lane and in a tail element (shape (2, 37, 5, 7): NHWC rows of 2 vectors + 5
+    channels, NCHW planes of 2 vectors + 3) come out where eager's BN + add + ReLU puts them, forward and backward:
+    the variance keeps NaN, and the backward's ReLU mask is `out <= 0 ? 0 : g` (where out is NaN the gradient
+    passes, as in torch's threshold_backward)."""
+    import resfuse.ops
+
+    shape = (2, 37, 5, 7)
+    x = make(shape, dtype, layout, 51, offset=0.3)
+    r = make(shape, dtype, layout, 52)
+    poked = x if where == "input" else r
+    with torch.no_grad():
+        poked[1, 5, 1, 2] = value  # NHWC: channel 5 is in the first vector; NCHW: position 9 of the plane, too
+        poked[0, 35, 4, 6] = value  # NHWC: channel 35 is in the tail; NCHW: position 34 of the plane, too
+    w, b = vector(37, 53, positive=True).to(dtype), vector(37, 54).to(dtype)
+    grad_out = make(shape, dtype, layout, 55)
+    ours = _special_outputs(lambda *a: resfuse.ops.bn_act(*a, backend="cuda"), (x, w, b, r), grad_out)
+    eager = _special_outputs(lambda x, w, b, r: torch.relu(F.batch_norm(x, None, None, w, b, True, eps=EPS) + r),
+                             (x, w, b, r), grad_out)
+    for name, a, e in zip(("out", "grad_input", "grad_weight", "grad_bias", "grad_residual"), ours, eager):
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(a), kind(e)), f"{name}: {kind.__name__} positions differ from eager"
+        finite = torch.isfinite(e)  # compared at the dtype's tolerance
+        torch.testing.assert_close(a[finite], e[finite], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_within_twice_eager_error(layout, dtype):
+    """float16 and bfloat16 take the loops' scalar steps (odd channel count, odd plane size): every output of the
+    forward and backward within twice eager's own error at that dtype against float64 (plus a small floor)."""
+    shape = (2, 37, 5, 7)
+    x = make(shape, dtype, layout, 61, offset=0.5, scale=2.0)
+    r = make(shape, dtype, layout, 62)
+    w, b = vector(37, 63, positive=True).to(dtype), vector(37, 64).to(dtype)
+    grad_out = make(shape, dtype, layout, 65)
+    got = run(x, w, b, r, True, grad_out)
+    exact = reference(x, w, b, r, True, grad_out)
+    xe, we, be, re = (t.clone().requires_grad_() for t in (x, w, b, r))
+    ye = F.relu(F.batch_norm(xe, None, None, we, be, training=True, eps=EPS) + re)
+    ye.backward(grad_out)
+    eager = (ye, None, None, xe.grad, we.grad, be.grad, re.grad)
+    names = ("out", "save_mean", "save_invstd", "grad_input", "grad_weight", "grad_bias", "grad_residual")
+    for name, a, e, t in zip(names, got, exact, eager):
+        if t is None:  # mean, invstd: float, from double sums
+            torch.testing.assert_close(a, e.to(a.dtype), msg=lambda m, name=name: f"{name}: {m}")
+            continue
+        assert a.dtype == t.dtype, name
+        bound = 2 * rel_l2(t, e) + 1e-3
+        assert rel_l2(a, e) <= bound, f"{name}: {rel_l2(a, e):.3g} > {bound:.3g} (eager: {rel_l2(t, e):.3g})"

@@ -7,7 +7,7 @@
 //   running_mean/var (optional) updated in place; running_var uses the unbiased var*n/(n-1).
 //   Two passes: the statistics (one read of x), then the output (x and residual read, out written).
 // Backward:
-//   g = relu ? grad_out*(out > 0) : grad_out;  xhat = (x - mean)*invstd
+//   g = relu ? (out <= 0 ? 0 : grad_out) : grad_out;  xhat = (x - mean)*invstd
 //   sum_g[c] = sum g, sum_gx[c] = sum g*xhat   (one pass, which also writes grad_residual = g when asked for)
 //   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g
 //   (a second pass, which reads g back from grad_residual when the first wrote it)
@@ -36,7 +36,8 @@ struct Stats {
   void finish(int64_t c, double pivot, double sum, double sum_sq, double n, double eps) {
     const double d_mean = sum / n;
     mean[c] = pivot + d_mean;
-    var[c] = std::max(0.0, sum_sq / n - d_mean * d_mean);
+    const double biased = sum_sq / n - d_mean * d_mean;
+    var[c] = biased < 0.0 ? 0.0 : biased;  // rounding can leave a tiny negative; NaN (an Inf or NaN input) stays NaN
     invstd[c] = 1.0 / std::sqrt(var[c] + eps);
   }
 };
@@ -155,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(
 
 // What the backward reads and writes; null pointers are terms switched off (see channel_loops.h).
 //
-// The pass of the sums, which reads grad_out and out, also writes g = out > 0 ? grad_out : 0 as grad_residual when
+// The pass of the sums, which reads grad_out and out, also writes g = out <= 0 ? 0 : grad_out as grad_residual when
 // that is asked for; the gradients' pass then reads g back instead of grad_out and out (one stream less).
 template <typename scalar_t>
 struct BackwardArgs {

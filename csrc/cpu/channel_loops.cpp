@@ -169,11 +169,12 @@ RESFUSE_ALWAYS_INLINE void two_sums_in_rows(const Step& step, int64_t rows, int6
 // ---------------------------------------------------------------------------------------------------------------
 // Steps
 
-// The ReLU mask of the backward: g = out > 0 ? grad_out : 0 (0 where out is 0 or NaN).
+// The ReLU mask of the backward: g = out <= 0 ? 0 : grad_out, as torch's threshold_backward (where out is NaN the
+// gradient passes).
 template <bool kMask, typename T>
 RESFUSE_ALWAYS_INLINE opmath_t<T> masked_grad(const T* grad_out, const T* out, int64_t i) {
   if constexpr (kMask) {
-    return as_opmath(out[i]) > opmath_t<T>(0) ? as_opmath(grad_out[i]) : opmath_t<T>(0);
+    return as_opmath(out[i]) <= opmath_t<T>(0) ? opmath_t<T>(0) : as_opmath(grad_out[i]);
   } else {
     return as_opmath(grad_out[i]);
   }
@@ -184,7 +185,7 @@ RESFUSE_ALWAYS_INLINE VecOf<T> masked_grad_vector(const T* grad_out, const T* ou
   using V = VecOf<T>;
   const V g = load<V>(grad_out + i);
   if constexpr (kMask) {
-    return simd::select(load<V>(out + i) > simd::zeros<V>(), g);
+    return simd::zero_where(load<V>(out + i) <= simd::zeros<V>(), g);
   } else {
     return g;
   }

@@ -45,7 +45,7 @@ template <typename T>
 void affine_act_rows(const T* x, const T* residual, T* out, int64_t rows, int64_t channels,
                      const opmath_t<T>* center, const opmath_t<T>* scale, const opmath_t<T>* shift, bool relu);
 
-// g = out > 0 ? grad_out : 0 (out or null: g = grad_out);  sum_g += Σ g;  sum_gx += Σ g*(x - center);
+// g = out <= 0 ? 0 : grad_out (out or null: g = grad_out);  sum_g += Σ g;  sum_gx += Σ g*(x - center);
 // masked = g (or null): the pass that reads grad_out and out can leave g for the next one.
 template <typename T>
 void grad_sums_planes(const T* grad_out, const T* out, const T* x, int64_t planes, int64_t stride, int64_t n,

@@ -155,7 +155,7 @@ std::vector<double> shifted_sums(const ChannelView& v, const scalar_t* x,
 }
 
 // The backward's per-channel Σg and Σg*(x - center[c]), as 2*C doubles laid out [2][C], where
-// g = out > 0 ? grad_out : 0 (`out` null: g = grad_out). `masked` (or null) receives g.
+// g = out <= 0 ? 0 : grad_out (`out` null: g = grad_out). `masked` (or null) receives g.
 template <typename scalar_t>
 std::vector<double> grad_sums(const ChannelView& v, const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
                               const std::vector<at::opmath_type<scalar_t>>& center, scalar_t* masked) {

@@ -69,10 +69,10 @@ RESFUSE_ALWAYS_INLINE V zeros() {
   return V{};
 }
 
-// `keep ? v : 0` per lane.
+// `zero ? 0 : v` per lane.
 template <typename V, typename M>
-RESFUSE_ALWAYS_INLINE V select(const M& keep, const V& v) {
-  return keep ? v : zeros<V>();
+RESFUSE_ALWAYS_INLINE V zero_where(const M& zero, const V& v) {
+  return zero ? zeros<V>() : v;
 }
 
 // max(v, 0) per lane, keeping NaN as NaN like torch.relu.
