@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import platform
 import re
 import time
 
@@ -50,6 +51,14 @@ def test_cli_runs_and_names_files(run):
     assert run["json"].exists() and run["md"].exists()
     assert re.fullmatch(r"cpu-\d{8}-test", run["stem"])
     assert "vs eager" in run["stdout"] and "skipped" in run["stdout"]
+
+
+def test_cpu_name_is_the_model_name(tmp_path):
+    """CPU result files name the CPU: /proc/cpuinfo's model name, not just the architecture."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    assert cli.cpu_name(str(info)) == "AMD EPYC 9654 96-Core Processor"
+    assert cli.cpu_name(str(tmp_path / "missing")) == (platform.processor() or platform.machine())
 
 
 def test_json_schema(run):

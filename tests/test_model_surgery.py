@@ -230,7 +230,10 @@ def test_backward_hooks_are_honoured():
             warnings.simplefilter("ignore")
             model(X).sum().backward()
     assert len(grads["ours"]) == len(grads["ref"]) == 1
-    assert rel_err(grads["ours"][0], grads["ref"][0]) < 1e-10
+    # 1e-9, not 1e-10: at 32 px layer4's BN normalises 2 values per channel, whose backward cancels, and the
+    # order of float64 sums shows: eager against itself in channels_last differs by 1.2e-10 here (the C++
+    # kernels, which add in their own fixed order: 1.0e-10). A hook that saw the wrong tensor is off by O(1).
+    assert rel_err(grads["ours"][0], grads["ref"][0]) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,13 +5,18 @@
 //   scale = w*invstd, shift = b - mean*scale;  out = act(x*scale + shift + residual)
 //   (evaluated as (x - mean)*scale + b: equal, and free of cancellation when |mean| >> std)
 //   running_mean/var (optional) updated in place; running_var uses the unbiased var*n/(n-1).
+//   Two passes: the statistics (one read of x), then the output (x and residual read, out written).
 // Backward:
 //   g = relu ? (out <= 0 ? 0 : grad_out) : grad_out;  xhat = (x - mean)*invstd
-//   sum_g[c] = sum g, sum_gx[c] = sum g*xhat   (one pass)
-//   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g;  grad_residual = g
+//   sum_g[c] = sum g, sum_gx[c] = sum g*xhat   (one pass, which also writes grad_residual = g when asked for)
+//   grad_input = (g - sum_g/n - xhat*sum_gx/n)*invstd*w;  grad_weight = sum_gx;  grad_bias = sum_g
+//   (a second pass, which reads g back from grad_residual when the first wrote it)
 //
-// Layouts: NCHW and NHWC both run on the [outer, C, inner] view (csrc/common.h). Statistics and sums accumulate in
-// double; elementwise math runs in float (double for float64 inputs).
+// Layouts: both run on the [outer, C, inner] view (csrc/common.h). NCHW: one thread takes a channel through both
+// passes, in one parallel region, so the second pass finds the channel's planes in that core's cache. NHWC: a
+// reduction pass over all rows, then an elementwise pass. Statistics and sums accumulate in double,
+// deterministically (the same bits at any thread count); elementwise math runs in float (double for float64
+// inputs). The vectorised loops: csrc/cpu/channel_loops.h.
 #include "../bn_passes.h"
 #include "channel_view.h"
 
@@ -22,30 +27,83 @@
 namespace resfuse::cpu {
 namespace {
 
-// Biased per-channel mean and variance in double. The sums are shifted by one sample of each channel, which keeps
-// the one-pass formula var = E[d^2] - E[d]^2 free of catastrophic cancellation when |mean| >> std.
+// Per-channel results of the forward, in double.
+struct Stats {
+  std::vector<double> mean, var, invstd;
+  explicit Stats(int64_t C) : mean(C), var(C), invstd(C) {}
+
+  // Channel c from its sums shifted by `pivot` (one sample of the channel): the one-pass formula
+  // var = E[d^2] - E[d]^2 on d = x - pivot is free of catastrophic cancellation when |mean| >> std.
+  void finish(int64_t c, double pivot, double sum, double sum_sq, double n, double eps) {
+    const double d_mean = sum / n;
+    mean[c] = pivot + d_mean;
+    const double biased = sum_sq / n - d_mean * d_mean;
+    var[c] = biased < 0.0 ? 0.0 : biased;  // rounding can leave a tiny negative; NaN (an Inf or NaN input) stays NaN
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  }
+};
+
+// out = (x - center)*scale + shift: the coefficients of one channel.
+template <typename opmath_t>
+struct Affine {
+  opmath_t center, scale, shift;
+};
+
+// Channel c's output map (x - mean)*scale + b, scale = w*invstd, for loops that compute in opmath_t: the center
+// is the mean rounded to opmath_t, and the shift takes back the rounding, b - (mean - center)*scale in double.
+// x - center is exact for x within a factor 2 of the center (all of a channel when |mean| >> std), so the outputs
+// do not carry the mean's rounding (up to half an ulp of |mean|, times scale).
+template <typename opmath_t>
+Affine<opmath_t> output_map(const Stats& st, int64_t c, double w, double b) {
+  const double scale = w * st.invstd[c];
+  const auto center = static_cast<opmath_t>(st.mean[c]);
+  return {center, static_cast<opmath_t>(scale), static_cast<opmath_t>(b - (st.mean[c] - center) * scale)};
+}
+
 template <typename scalar_t>
-void batch_stats(const ChannelView& v, const scalar_t* x, std::vector<double>& mean, std::vector<double>& var) {
-  const int64_t C = v.channels;
-  std::vector<double> pivot(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    pivot[c] = static_cast<double>(x[c * v.inner]);  // element (o = 0, c, i = 0)
-  }
-  const double* k = pivot.data();
-  const std::vector<double> sums = reduce_per_channel<2>(v, [=](int64_t c, int64_t idx, double* acc) {
-    const double d = static_cast<double>(x[idx]) - k[c];
-    acc[c] += d;
-    acc[C + c] += d * d;
-  });
+at::opmath_type<scalar_t> pivot_of(const ChannelView& v, const scalar_t* x, int64_t c) {
+  return static_cast<at::opmath_type<scalar_t>>(x[c * v.inner]);  // element (0, c, 0)
+}
+
+// NCHW: each channel's statistics, then its output, by one thread (its planes stay in that core's cache).
+template <typename scalar_t>
+void forward_planes(const ChannelView& v, const scalar_t* x, const scalar_t* residual, scalar_t* out,
+                    const std::vector<double>& w, const std::vector<double>& b, double eps, bool relu, Stats& st) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = v.channels, inner = v.inner, stride = C * inner;
   const double n = static_cast<double>(v.per_channel());
-  mean.resize(C);
-  var.resize(C);
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    const opmath_t pivot = pivot_of(v, x, c);
+    double sum = 0.0, sum_sq = 0.0;
+    loops::shifted_sums_planes(x + off, v.outer, stride, inner, pivot, &sum, &sum_sq);
+    st.finish(c, static_cast<double>(pivot), sum, sum_sq, n, eps);
+    const auto map = output_map<opmath_t>(st, c, w[c], b[c]);
+    loops::affine_act_planes(x + off, offset_or_null(residual, off), out + off, v.outer, stride, inner, map.center,
+                             map.scale, map.shift, relu);
+  });
+}
+
+// NHWC: a statistics pass over all rows, then the output pass.
+template <typename scalar_t>
+void forward_rows(const ChannelView& v, const scalar_t* x, const scalar_t* residual, scalar_t* out,
+                  const std::vector<double>& w, const std::vector<double>& b, double eps, bool relu, Stats& st) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = v.channels;
+  std::vector<opmath_t> pivot(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double d_mean = sums[c] / n;
-    mean[c] = pivot[c] + d_mean;
-    const double v = sums[C + c] / n - d_mean * d_mean;
-    var[c] = v < 0.0 ? 0.0 : v;  // rounding can leave a tiny negative; NaN (an Inf or NaN input) stays NaN
+    pivot[c] = pivot_of(v, x, c);
   }
+  const std::vector<double> sums = shifted_sums(v, x, pivot);
+  const double n = static_cast<double>(v.per_channel());
+  std::vector<opmath_t> center(C), scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    st.finish(c, static_cast<double>(pivot[c]), sums[c], sums[C + c], n, eps);
+    const auto map = output_map<opmath_t>(st, c, w[c], b[c]);
+    center[c] = map.center;
+    scale[c] = map.scale;
+    shift[c] = map.shift;
+  }
+  affine_act<scalar_t>(v, x, out, center, scale, shift, residual, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(
@@ -66,48 +124,119 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_cpu(
     return {out, at::zeros({C}, opts), at::zeros({C}, opts)};
   }
   const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
-
-  std::vector<double> mean, var;
-  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_stats_cpu",
-                            [&] { batch_stats<scalar_t>(v, x.data_ptr<scalar_t>(), mean, var); });
-
-  const double n = static_cast<double>(v.per_channel());
-  std::vector<double> invstd(C), scale(C);
   const std::vector<double> w = to_doubles_or(weight, C, 1.0);
   const std::vector<double> b = to_doubles_or(bias, C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    scale[c] = w[c] * invstd[c];
-  }
 
-  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_apply_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    affine_act<scalar_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), cast_vector<opmath_t>(mean),
-                         cast_vector<opmath_t>(scale), cast_vector<opmath_t>(b),
-                         res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu);
+  Stats st(C);
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (v.inner > 1) {
+      forward_planes(v, xp, rp, op, w, b, eps, relu, st);
+    } else {
+      forward_rows(v, xp, rp, op, w, b, eps, relu, st);
+    }
   });
 
   if (present(running_mean)) {
     at::Tensor rm = *running_mean;
-    update_running(rm, mean, momentum);
+    update_running(rm, st.mean, momentum);
   }
   if (present(running_var)) {
+    const double n = static_cast<double>(v.per_channel());
     std::vector<double> unbiased(C);
     for (int64_t c = 0; c < C; ++c) {
-      unbiased[c] = var[c] * n / (n - 1.0);
+      unbiased[c] = st.var[c] * n / (n - 1.0);
     }
     at::Tensor rv = *running_var;
     update_running(rv, unbiased, momentum);
   }
-  return {out, from_doubles(mean, 0, C, acc_dtype), from_doubles(invstd, 0, C, acc_dtype)};
+  return {out, from_doubles(st.mean, 0, C, acc_dtype), from_doubles(st.invstd, 0, C, acc_dtype)};
 }
 
+// What the backward reads and writes; null pointers are terms switched off (see channel_loops.h).
+//
+// The pass of the sums, which reads grad_out and out, also writes g = out <= 0 ? 0 : grad_out as grad_residual when
+// that is asked for; the gradients' pass then reads g back instead of grad_out and out (one stream less).
 template <typename scalar_t>
-inline at::opmath_type<scalar_t> masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
+struct BackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* out;  // null without ReLU
+  const scalar_t* x;
+  scalar_t* grad_input;     // null when not asked for
+  scalar_t* grad_residual;  // null when not asked for
+  bool need_sums;           // grad_input, grad_weight or grad_bias asked for
+
+  // The g the gradients' pass reads, as (grad_out, out) of the loops, and whether it writes grad_residual.
+  const scalar_t* g_source() const { return need_sums && grad_residual ? grad_residual : grad_out; }
+  const scalar_t* g_mask() const { return need_sums && grad_residual ? nullptr : out; }
+  scalar_t* residual_in_apply() const { return need_sums ? nullptr : grad_residual; }
+  bool need_apply() const { return grad_input != nullptr || residual_in_apply() != nullptr; }
+};
+
+// Per-channel sums of the backward (in double) and the coefficients of grad_input = (g - k1 - (x - mean)*m2)*a.
+// The saved mean is in opmath_t already (the accumulate dtype), so the loops take it as it is.
+struct BackwardSums {
+  std::vector<double> sum_g, sum_gxhat;
+  explicit BackwardSums(int64_t C) : sum_g(C, 0.0), sum_gxhat(C, 0.0) {}
+
+  // Stores channel c's Σg and Σg*(x - mean)*invstd, and returns its coefficients.
+  template <typename opmath_t>
+  loops::GradCoefficients<opmath_t> finish(int64_t c, double sum_g_c, double sum_gx_c, opmath_t mean, double invstd,
+                                           double w, double n) {
+    sum_g[c] = sum_g_c;
+    sum_gxhat[c] = sum_gx_c * invstd;
+    return {mean, static_cast<opmath_t>(sum_g_c / n), static_cast<opmath_t>(invstd * sum_gxhat[c] / n),
+            static_cast<opmath_t>(invstd * w)};
+  }
+};
+
+// NCHW: each channel's sums, then its gradients, by one thread (its planes stay in that core's cache).
+template <typename scalar_t>
+void backward_planes(const ChannelView& v, const BackwardArgs<scalar_t>& a,
+                     const std::vector<at::opmath_type<scalar_t>>& mean,
+                     const std::vector<double>& invstd, const std::vector<double>& w, BackwardSums& sums) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t g = static_cast<opmath_t>(grad_out[idx]);
-  // `out <= 0`, as torch's threshold_backward: where the output is NaN the gradient passes.
-  return (out != nullptr && static_cast<opmath_t>(out[idx]) <= opmath_t(0)) ? opmath_t(0) : g;
+  const int64_t C = v.channels, inner = v.inner, stride = C * inner;
+  const double n = static_cast<double>(v.per_channel());
+  parallel_for_each_channel(v, [&](int64_t c, int64_t off) {
+    double sum_g = 0.0, sum_gx = 0.0;
+    if (a.need_sums) {
+      loops::grad_sums_planes(a.grad_out + off, offset_or_null(a.out, off), a.x + off, v.outer, stride, inner,
+                              mean[c], &sum_g, &sum_gx, offset_or_null(a.grad_residual, off));
+    }
+    const auto coef = sums.finish<opmath_t>(c, sum_g, sum_gx, mean[c], invstd[c], w[c], n);
+    if (a.need_apply()) {
+      loops::grad_apply_planes(a.g_source() + off, offset_or_null(a.g_mask(), off), a.x + off, v.outer, stride,
+                               inner, coef, offset_or_null(a.grad_input, off),
+                               offset_or_null(a.residual_in_apply(), off));
+    }
+  });
+}
+
+// NHWC: a pass for the sums over all rows, then the gradients' pass.
+template <typename scalar_t>
+void backward_rows(const ChannelView& v, const BackwardArgs<scalar_t>& a,
+                   const std::vector<at::opmath_type<scalar_t>>& mean,
+                   const std::vector<double>& invstd, const std::vector<double>& w, BackwardSums& sums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = v.channels;
+  const double n = static_cast<double>(v.per_channel());
+  const std::vector<double> totals = a.need_sums ? grad_sums(v, a.grad_out, a.out, a.x, mean, a.grad_residual)
+                                                 : std::vector<double>(2 * C, 0.0);
+  std::vector<opmath_t> center(C), k1(C), m2(C), scale(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto coef = sums.finish<opmath_t>(c, totals[c], totals[C + c], mean[c], invstd[c], w[c], n);
+    center[c] = coef.center;
+    k1[c] = coef.k1;
+    m2[c] = coef.m2;
+    scale[c] = coef.a;
+  }
+  if (a.need_apply()) {
+    grad_apply<scalar_t>(v, a.g_source(), a.g_mask(), a.x, {center.data(), k1.data(), m2.data(), scale.data()},
+                         a.grad_input, a.residual_in_apply());
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
@@ -123,62 +252,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
   const int64_t C = v.channels;
   const at::ScalarType pdtype = param_dtype(weight);
 
-  at::Tensor grad_input, grad_weight, grad_bias, grad_residual;  // assigned inside the dispatch lambda below
+  at::Tensor grad_input, grad_weight, grad_bias, grad_residual;  // assigned below
   std::tie(grad_input, grad_weight, grad_bias, grad_residual) = bn_backward_outputs(input, pdtype, format, output_mask);
   if (x.numel() == 0) {
     return {grad_input, grad_weight, grad_bias, grad_residual};
   }
 
-  const std::vector<double> mean = to_doubles(save_mean);
   const std::vector<double> invstd = to_doubles(save_invstd);
-  const double n = static_cast<double>(v.per_channel());
-
+  const std::vector<double> w = to_doubles_or(weight, C, 1.0);
+  BackwardSums sums(C);
   RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = go.data_ptr<scalar_t>();
-    const scalar_t* op = relu ? o.data_ptr<scalar_t>() : nullptr;
-
-    // Per-channel coefficients of grad_input = (g - k1 - (x - mean)*m2) * a.
-    std::vector<opmath_t> c_mean(C), c_a(C), c_k1(C), c_m2(C);
-    if (output_mask[0] || output_mask[1] || output_mask[2]) {
-      const double* mp = mean.data();
-      const double* ip = invstd.data();
-      const std::vector<double> sums = reduce_per_channel<2>(v, [=](int64_t c, int64_t idx, double* acc) {
-        const double g = static_cast<double>(masked_grad(gp, op, idx));
-        acc[c] += g;
-        acc[C + c] += g * (static_cast<double>(xp[idx]) - mp[c]) * ip[c];
-      });
-      if (output_mask[1]) grad_weight = from_doubles(sums, C, C, pdtype);
-      if (output_mask[2]) grad_bias = from_doubles(sums, 0, C, pdtype);
-      const std::vector<double> w = to_doubles_or(weight, C, 1.0);
-      for (int64_t c = 0; c < C; ++c) {
-        c_mean[c] = static_cast<opmath_t>(mean[c]);
-        c_a[c] = static_cast<opmath_t>(invstd[c] * w[c]);
-        c_k1[c] = static_cast<opmath_t>(sums[c] / n);
-        c_m2[c] = static_cast<opmath_t>(invstd[c] * sums[C + c] / n);
-      }
-    }
-
-    if (output_mask[0] || output_mask[3]) {
-      scalar_t* gi = output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr;
-      scalar_t* gr = output_mask[3] ? grad_residual.data_ptr<scalar_t>() : nullptr;
-      const opmath_t* cm = c_mean.data();
-      const opmath_t* ca = c_a.data();
-      const opmath_t* ck1 = c_k1.data();
-      const opmath_t* cm2 = c_m2.data();
-      parallel_for_each(v, [=](int64_t c, int64_t idx) {
-        const opmath_t g = masked_grad(gp, op, idx);
-        if (gr != nullptr) {
-          gr[idx] = static_cast<scalar_t>(g);
-        }
-        if (gi != nullptr) {
-          const opmath_t xc = static_cast<opmath_t>(xp[idx]) - cm[c];
-          gi[idx] = static_cast<scalar_t>((g - ck1[c] - xc * cm2[c]) * ca[c]);
-        }
-      });
+    const auto mean = cast_vector<at::opmath_type<scalar_t>>(to_doubles(save_mean));
+    const BackwardArgs<scalar_t> a{go.data_ptr<scalar_t>(),
+                                   relu ? o.data_ptr<scalar_t>() : nullptr,
+                                   x.data_ptr<scalar_t>(),
+                                   output_mask[0] ? grad_input.data_ptr<scalar_t>() : nullptr,
+                                   output_mask[3] ? grad_residual.data_ptr<scalar_t>() : nullptr,
+                                   output_mask[0] || output_mask[1] || output_mask[2]};
+    if (v.inner > 1) {
+      backward_planes(v, a, mean, invstd, w, sums);
+    } else {
+      backward_rows(v, a, mean, invstd, w, sums);
     }
   });
+  if (output_mask[1]) grad_weight = from_doubles(sums.sum_gxhat, 0, C, pdtype);
+  if (output_mask[2]) grad_bias = from_doubles(sums.sum_g, 0, C, pdtype);
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
@@ -194,13 +292,23 @@ at::Tensor bn_stats_cpu(const at::Tensor& input) {
   // [mean | M2 | count]: an empty batch contributes zeros, which weigh nothing in the merge.
   std::vector<double> packed(static_cast<size_t>(2 * C + 1), 0.0);
   if (x.numel() > 0) {
-    std::vector<double> mean, var;
-    RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_stats_cpu",
-                              [&] { batch_stats<scalar_t>(v, x.data_ptr<scalar_t>(), mean, var); });
     const double n = static_cast<double>(v.per_channel());
+    Stats st(C);
+    RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_stats_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      std::vector<opmath_t> pivot(C);
+      for (int64_t c = 0; c < C; ++c) {
+        pivot[c] = pivot_of(v, xp, c);
+      }
+      const std::vector<double> sums = shifted_sums(v, xp, pivot);
+      for (int64_t c = 0; c < C; ++c) {
+        st.finish(c, static_cast<double>(pivot[c]), sums[c], sums[C + c], n, /*eps=*/1.0);  // invstd unused
+      }
+    });
     for (int64_t c = 0; c < C; ++c) {
-      packed[c] = mean[c];
-      packed[C + c] = var[c] * n;
+      packed[c] = st.mean[c];
+      packed[C + c] = st.var[c] * n;
     }
     packed[2 * C] = n;
   }
@@ -235,6 +343,14 @@ at::Tensor bn_act_apply_cpu(const at::Tensor& input, const at::Tensor& mean, con
                          res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu);
   });
   return out;
+}
+
+// The ReLU's gradient of one element: `out <= 0` masks, as torch's threshold_backward (a NaN output passes).
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t g = static_cast<opmath_t>(grad_out[idx]);
+  return (out != nullptr && static_cast<opmath_t>(out[idx]) <= opmath_t(0)) ? opmath_t(0) : g;
 }
 
 at::Tensor bn_act_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,

@@ -279,6 +279,20 @@ def _resfuse_env() -> str:
     return "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(os.environ.items()) if k.startswith("RESFUSE_"))
 
 
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, which CPU result files must give (Linux: /proc/cpuinfo's "model name"); elsewhere
+    what ``platform`` knows."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(argv: list[str], args: argparse.Namespace) -> dict:
     try:
         import triton
@@ -295,7 +309,7 @@ def environment(argv: list[str], args: argparse.Namespace) -> dict:
     on_gpu = args.device.type == "cuda"
     return {
         "gpu": torch.cuda.get_device_name(args.device) if on_gpu else None,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
         "resfuse": _git_sha() or __version__, "date": datetime.date.today().isoformat(),
