@@ -1,0 +1,158 @@
+"""timm's ResNets through resfuse.convert(): timm's own numbers in float64 (eval, and two SGD steps over every
+output, gradient, parameter and running statistic), every block fused or named in the report, strict, revert.
+
+Random weights, randomized BN statistics, no download. Each model is the registry's configuration (block, stem,
+downsample, attention, aa, cardinality, width multiplier) with its stage widths cut 4x (``SMALL``): the same
+code paths at a cost two shared CPU cores can pay. 64 px inputs: at 32 px the last stage's BN sees 2 values per
+channel, whose training gradient is so ill-conditioned that float64's rounding alone moves it by 1e-6.
+"""
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _helpers import backends_on, randomize_bn_, rel_err, resfuse
+from resfuse._warn_once import forget_warnings
+from resfuse.nn.convert import ConversionWarning
+
+timm = pytest.importorskip("timm")
+from timm.models import resnet as timm_resnet  # noqa: E402
+from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
+
+if "cuda" not in backends_on("cpu"):
+    pytest.skip("needs the resfuse._C extension: without it a converted model runs timm's own forward",
+                allow_module_level=True)
+
+TOL = 1e-9
+MODELS = ["resnet18", "resnet50d", "resnet26t", "seresnext26d_32x4d", "ecaresnet26t", "resnetrs50",
+          "resnetblur50", "wide_resnet50_2", "resnetv2_50"]
+SMALL = {"channels": (16, 32, 64, 128), "stem_width": 16}
+SMALL_V2 = {"channels": (64, 128, 256, 512), "stem_chs": 16}
+TIMM_BLOCKS = (timm_resnet.BasicBlock, timm_resnet.Bottleneck, timm_resnetv2.PreActBasic,
+               timm_resnetv2.PreActBottleneck, timm_resnetv2.Bottleneck)
+
+
+class CountFusedOps(TorchDispatchMode):
+    """Counts the forward resfuse ops a call runs (backward ops are private: ``resfuse::_...``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("resfuse::") and not name.startswith("resfuse::_"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def make_pair(name, seed=0, **kwargs):
+    """(timm's model, a deep copy converted by resfuse, the report), float64, randomized BN statistics."""
+    torch.manual_seed(seed)
+    small = SMALL_V2 if name.startswith("resnetv2") else SMALL
+    ref = timm.create_model(name, pretrained=False, num_classes=8, **small, **kwargs).to(torch.float64)
+    randomize_bn_(ref, seed)
+    fused = copy.deepcopy(ref)
+    return ref, fused, convert_with_report(fused)
+
+
+def convert_with_report(model, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resfuse.convert(model, **kwargs)
+    reports = [str(w.message) for w in caught if issubclass(w.category, ConversionWarning)]
+    assert len(reports) == 1, reports
+    return reports[0]
+
+
+def timm_blocks(model):
+    return [m for m in model.modules() if isinstance(m, TIMM_BLOCKS)]
+
+
+def expected_fused_ops(model, training):
+    """One fused op per BN that follows a conv (resnet), plus the stem's; resnetv2's pre-activation blocks: the
+    conv -> norm pairs, the last conv + shortcut, and norm1 (bn_act) in training (eval: a module for now)."""
+    if isinstance(model, timm_resnetv2.ResNetV2):
+        convs = sum(isinstance(m, nn.Conv2d) for b in timm_blocks(model) for m in b.children())
+        return convs + (len(timm_blocks(model)) if training else 0)
+    return sum(type(m) is nn.BatchNorm2d for m in model.modules())
+
+
+def assert_no_module_path_warning(caught):
+    unfused = [str(w.message) for w in caught if "unfused" in str(w.message)]
+    assert not unfused, unfused
+
+
+def compare_steps(ref, fused, x, steps=2, seed=None):
+    """``steps`` SGD steps on both models from the same state: outputs, every gradient, then every parameter
+    and buffer (running statistics, counters) agree to TOL, or to 4x eager's own float64 noise where that is
+    larger: a channels_last copy of ``ref`` takes the same steps, and at the second step a randomly initialised
+    deep net's gradients can differ by a few 1e-9 between two summation orders of eager PyTorch itself."""
+    twin = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    models = (ref, fused, twin)
+    target = torch.randn(x.shape[0], 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+
+    def check(triples):
+        """(name, ours, timm's, the eager twin's) for a set of tensors: each within the set's eager noise."""
+        noise = max(rel_err(twin_t, ref_t) for _, _, ref_t, twin_t in triples)
+        limit = max(TOL, 4 * noise)
+        for name, ours, theirs, _ in triples:
+            assert rel_err(ours, theirs) <= limit, f"{name}: {rel_err(ours, theirs):.3g} > {limit:.3g}"
+
+    for step in range(steps):
+        outs = []
+        for model, opt in zip(models, opts):
+            model.train()
+            opt.zero_grad()
+            if seed is not None:
+                torch.manual_seed(seed + step)
+            out = model(x)
+            (out * target).sum().backward()
+            outs.append(out)
+        check([(f"step {step} output", *outs)] + [
+            (f"step {step} grad {name}", p_fused.grad, p_ref.grad, p_twin.grad)
+            for (name, p_ref), p_fused, p_twin in zip(ref.named_parameters(), fused.parameters(), twin.parameters())])
+        for opt in opts:
+            opt.step()
+    after = [(name, p_fused, p_ref, p_twin)
+             for (name, p_ref), p_fused, p_twin in zip(ref.named_parameters(), fused.parameters(), twin.parameters())]
+    for (name, b_ref), (fused_name, b_fused), b_twin in zip(ref.named_buffers(), fused.named_buffers(),
+                                                            twin.buffers()):
+        assert fused_name == name
+        if b_ref.dtype == torch.long:
+            assert torch.equal(b_fused, b_ref), name
+        else:
+            after.append((name, b_fused, b_ref, b_twin))
+    check(after)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_matches_timm_in_eval_and_two_sgd_steps(name):
+    ref, fused, report = make_pair(name)
+    blocks = timm_blocks(ref)
+    match = re.match(r"resfuse\.convert: (\d+) blocks fused", report)
+    assert match and int(match.group(1)) == len(blocks), report
+    assert " left as" not in report, report
+    assert all(type(b) is not type(r) and isinstance(b, type(r)) for b, r in zip(timm_blocks(fused), blocks))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref.eval()
+        fused.eval()
+        with torch.no_grad(), CountFusedOps() as counter:
+            out = fused(x)
+        assert counter.count == expected_fused_ops(fused, training=False)
+        assert rel_err(out, ref(x)) < TOL
+        with torch.no_grad(), CountFusedOps() as counter:
+            fused.train()(x)
+        assert counter.count == expected_fused_ops(fused, training=True)
+        fused.load_state_dict(ref.state_dict())  # the counted call moved the running statistics
+        compare_steps(ref, fused, x)
+    assert_no_module_path_warning(caught)
