@@ -53,8 +53,8 @@ class CountFusedOps(TorchDispatchMode):
 def make_pair(name, seed=0, **kwargs):
     """(timm's model, a deep copy converted by resfuse, the report), float64, randomized BN statistics."""
     torch.manual_seed(seed)
-    small = SMALL_V2 if name.startswith("resnetv2") else SMALL
-    ref = timm.create_model(name, pretrained=False, num_classes=8, **small, **kwargs).to(torch.float64)
+    config = dict(SMALL_V2 if name.startswith("resnetv2") else SMALL, **kwargs)
+    ref = timm.create_model(name, pretrained=False, num_classes=8, **config).to(torch.float64)
     randomize_bn_(ref, seed)
     fused = copy.deepcopy(ref)
     return ref, fused, convert_with_report(fused)
@@ -156,3 +156,131 @@ def test_model_matches_timm_in_eval_and_two_sgd_steps(name):
         fused.load_state_dict(ref.state_dict())  # the counted call moved the running statistics
         compare_steps(ref, fused, x)
     assert_no_module_path_warning(caught)
+
+
+def blocks_per_kind(model):
+    return {kind: sum(type(b).__name__ == kind for b in timm_blocks(model)) for kind in
+            {type(b).__name__ for b in timm_blocks(model)}}
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("resnet26t", {"drop_path_rate": 0.1, "drop_block_rate": 0.2}),
+    ("resnetv2_18", {"drop_path_rate": 0.1, "channels": (16, 32, 64, 128)}),
+    ("resnetv2_50", {"preact": False, "layers": (1, 2, 1, 1)}),  # resnetv2's Bottleneck: conv -> BatchNormAct2d, act after the add
+])
+def test_dropping_and_other_blocks_match_timm_over_two_sgd_steps(name, kwargs):
+    """drop_path / drop_block draw their masks with torch's RNG in timm's order: seeded, the steps agree."""
+    ref, fused, report = make_pair(name, **kwargs)
+    assert " left as" not in report and f"{len(timm_blocks(ref))} blocks fused" in report, report
+    if "drop_path_rate" in kwargs:
+        assert "drop_path in training" in report
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref.eval()
+        fused.eval()
+        with torch.no_grad():
+            assert rel_err(fused(x), ref(x)) < TOL
+        compare_steps(ref, fused, x, seed=3)
+    assert_no_module_path_warning(caught)
+
+
+def test_an_activation_other_than_relu_leaves_the_blocks_named_and_strict_raises():
+    ref, fused, report = make_pair("resnet18", act_layer=nn.SiLU)
+    assert "8 left as they are: 8 x BasicBlock (act1: activation SiLU)" in report, report
+    assert "stems left as they are: 1 x ResNet (act1: activation SiLU)" in report, report
+    assert [type(m) for m in fused.modules()] == [type(m) for m in ref.modules()]
+    with pytest.raises(RuntimeError, match="left as they are: 8 x BasicBlock"):
+        resfuse.convert(fused, strict=True)
+
+
+def test_blocks_without_a_fused_path_are_named_and_strict_leaves_the_model_as_it_was():
+    model = timm.create_model("skresnet18", num_classes=8, channels=(16, 32, 64, 128))
+    classes = [type(m) for m in model.modules()]
+    report = convert_with_report(model)
+    assert "8 left as they are: 8 x SelectiveKernelBasic (no fused path)" in report, report
+    with pytest.raises(RuntimeError, match="SelectiveKernelBasic"):
+        resfuse.convert(model, strict=True)
+    resfuse.revert(model)
+    with pytest.raises(RuntimeError, match="the model is left as it was"):
+        resfuse.convert(model, strict=True)
+    assert [type(m) for m in model.modules()] == classes  # the stem it had fused is given back
+
+
+def test_groupnorm_and_stdconv_blocks_are_named():
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=8)
+    report = convert_with_report(model)
+    assert "16 left as they are: 16 x PreActBottleneck (conv1: conv layer StdConv2d)" in report, report
+    model = timm.create_model("resnetv2_50", num_classes=8, layers=(1, 1, 1, 1), norm_layer=timm.layers.GroupNormAct)
+    report = convert_with_report(model)
+    assert "4 left as they are: 4 x PreActBottleneck (norm1: norm layer GroupNormAct)" in report, report
+
+
+def test_batch_norm_act_is_never_taken_for_a_plain_batch_norm():
+    from resfuse.nn.routing import modules_reason, norm_reason
+
+    norm = timm.layers.BatchNormAct2d(8)
+    assert isinstance(norm, nn.BatchNorm2d)
+    assert norm_reason(norm) == "norm layer BatchNormAct2d (training)"
+    assert modules_reason((), (("bn1", norm.eval()),)) == "bn1: norm layer BatchNormAct2d"
+    # a resnet block given BatchNormAct2d norms would lose their activation if fused as BN: it is left, named
+    model = timm.create_model("resnet18", num_classes=8, norm_layer=timm.layers.BatchNormAct2d, **SMALL)
+    report = convert_with_report(model)
+    assert "8 x BasicBlock (bn1: norm layer BatchNormAct2d)" in report, report
+
+
+def test_subclasses_convert_only_with_timm_forward():
+    class Renamed(timm_resnet.Bottleneck):
+        pass
+
+    class OwnForward(timm_resnet.Bottleneck):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(Renamed(64, 16), OwnForward(64, 16))
+    report = convert_with_report(model)
+    assert "1 blocks fused (1 TimmBottleneck)" in report or "1 block fused (1 TimmBottleneck)" in report, report
+    assert "1 x OwnForward (a subclass of timm's Bottleneck with its own forward)" in report, report
+    assert type(model[1]) is OwnForward
+
+
+@pytest.mark.parametrize("name", ["resnet50d", "resnetv2_50d"])
+def test_revert_gives_timm_classes_and_a_bit_identical_state_dict(name):
+    import pickle
+
+    model = timm.create_model(name, num_classes=8, **(SMALL_V2 if name.startswith("resnetv2") else SMALL))
+    randomize_bn_(model)
+    classes = [type(m) for m in model.modules()]
+    state = copy.deepcopy(model.state_dict())
+    convert_with_report(model)
+    assert [type(m) for m in model.modules()] != classes
+    assert list(model.state_dict()) == list(state)
+    again = pickle.loads(pickle.dumps(model))  # the fused classes are found by name
+    assert [type(m) for m in again.modules()] == [type(m) for m in model.modules()]
+    assert resfuse.revert(model) is model
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(k.startswith("_resfuse") for m in model.modules() for k in m.__dict__)
+    assert list(model.state_dict()) == list(state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]) and value.dtype == state[key].dtype, key
+
+
+def test_a_hook_on_a_child_takes_timm_forward_with_one_warning():
+    ref, fused, _ = make_pair("resnet18")
+    seen = []
+    for model in (ref, fused):
+        model.layer2[0].bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    forget_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref.eval()
+        fused.eval()
+        with torch.no_grad():
+            assert rel_err(fused(x), ref(x)) < TOL
+            fused(x)
+    unfused = [str(w.message) for w in caught if "unfused" in str(w.message)]
+    assert unfused == ["resfuse: TimmBasicBlock runs its modules unfused (bn1: a forward hook on bn1); this is "
+                       "eager PyTorch's speed, with eager PyTorch's numbers"], unfused
+    assert len(seen) == 3
