@@ -16,14 +16,14 @@ What runs fused, per block (every conv-norm-act triple is one fused op: ``fused_
 - resnetv2 PreActBasic / PreActBottleneck (norms are timm's BatchNormAct2d: BN then its own activation, before
   each conv): conv_i followed by norm_{i+1} is a conv-BN-ReLU; the last conv + shortcut is one fused
   conv-add (``fused_conv_act``); norm1, the block's pre-activation, is ``bn_act`` without residual in
-  training. The shortcut conv (on the pre-activated input, no norm) runs as it is.
+  training and ``bn_eval_act`` (one per-channel affine + ReLU pass) in eval, as a module under autocast. The
+  shortcut conv (on the pre-activated input, no norm) runs as it is.
 - resnetv2 Bottleneck (not pre-activated): conv-norm pairs fused, the last with the shortcut and act3.
 
 What still runs as modules inside a fused block, with exactly timm's numbers (``convert()``'s report counts
 these): the SE / ECA attention (``se``) and the add + ReLU after it; ``drop_path`` and ``drop_block`` while
-they drop anything (training with a rate > 0); a pre-activation norm in eval mode (no fused eval BN-ReLU
-op yet). A module that cannot change its input (``nn.Identity``, DropPath / DropBlock2d in eval or at rate 0,
-no hooks) is skipped, so the conv-norm-act around it fuses.
+they drop anything (training with a rate > 0); ``aa``. A module that cannot change its input (``nn.Identity``,
+DropPath / DropBlock2d in eval or at rate 0, no hooks) is skipped, so the conv-norm-act around it fuses.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bn_eval_act import run_bn_eval_act
 from .routing import (
     Route,
     check_block_input,
@@ -173,12 +174,13 @@ def modules_left_as_is(fused_name: str, block: nn.Module) -> list[str]:
     se = getattr(block, "se", None)
     if se is not None:
         notes.append(f"attention {type(se).__name__}")
+    aa = getattr(block, "aa", None)
+    if aa is not None and type(aa) is not nn.Identity:
+        notes.append(f"aa {type(aa).__name__}")
     for name in ("drop_path", "drop_block"):
         module = getattr(block, name, None)
         if module is not None and type(module) is not nn.Identity and getattr(module, "drop_prob", 1.0):
             notes.append(f"{name} in training")
-    if fused_name.startswith("TimmPreAct"):
-        notes.append("pre-activation norm1 in eval")
     return notes
 
 
@@ -313,8 +315,11 @@ def _preact_forward(block: nn.Module, x: Tensor, fused_name: str, pairs: tuple[t
     norm1 = block.norm1
     if uses_batch_stats(norm1):
         x_preact = fused_bn_act(x, norm1, None, norm_act_relu(norm1), route)
+    elif torch.is_autocast_enabled(x.device.type):
+        x_preact = norm1(x)  # the eval op is not autocast-aware: the module, with eager's casts
     else:
-        x_preact = norm1(x)  # eval: no fused eval BN-ReLU op yet, so the module, with its exact numbers
+        x_preact = run_bn_eval_act(x, norm1.weight, norm1.bias, None, norm1.running_mean, norm1.running_var,
+                                   norm1.eps, norm_act_relu(norm1), route[1])
     shortcut = x if block.downsample is None else _shortcut(block, x_preact, route)
     out = _conv_norm_act_chain(block, x_preact, pairs, route)
     conv = getattr(block, last)
