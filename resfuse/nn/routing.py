@@ -230,18 +230,7 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
     amp_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     if uses_batch_stats(bn):
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        if residual is not None and residual.dtype != y.dtype:
-            residual = residual.to(y.dtype)
-        momentum = _train_momentum(bn)
-        keep_running = not bn.training or bn.track_running_stats
-        running_mean = bn.running_mean if keep_running else None
-        running_var = bn.running_var if keep_running else None
-        group = sync_group(bn)
-        if group is not None:
-            return sync_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu,
-                               group, impl)
-        return run_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu, impl,
-                          requested)
+        return fused_bn_act(y, bn, residual, relu, route)
     if x.device.type == "cpu" and impl == "cuda":
         # On CPU nothing needs the fold: ATen's conv on the raw weight, then BN from the running statistics,
         # the residual and the ReLU in one pass: eager's own order of operations.
@@ -261,3 +250,40 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
     return run_conv_bn_act(x, weight, bias, residual, stride, padding, dilation, conv.groups, relu, requested,
                            impl)
 
+
+def fused_bn_act(y: Tensor, bn: nn.Module, residual: Optional[Tensor], relu: bool, route: Route) -> Tensor:
+    """``act(bn(y) + residual)`` for a norm that ``uses_batch_stats`` (training mode), as one fused op that also
+    updates the running statistics and the counter as ``bn`` would: the second half of a training-mode
+    conv -> BN, and a pre-activation BN-ReLU (timm's BatchNormAct2d before a conv) on its own."""
+    if residual is not None and residual.dtype != y.dtype:
+        residual = residual.to(y.dtype)
+    requested, impl = route
+    momentum = _train_momentum(bn)
+    keep_running = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if keep_running else None
+    running_var = bn.running_var if keep_running else None
+    group = sync_group(bn)
+    if group is not None:
+        return sync_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu,
+                           group, impl)
+    return run_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu, impl,
+                      requested)
+
+
+def fused_conv_act(x: Tensor, conv: nn.Conv2d, residual: Optional[Tensor], relu: bool, route: Route) -> Tensor:
+    """``act(conv(x) + residual)`` for a conv with no norm after it (a pre-activation block's last conv and its
+    shortcut), as one fused op: conv_bn_act with the conv's own weight and bias. Same preconditions as
+    ``fused_conv_bn_act``."""
+    weight, bias = conv.weight, conv.bias
+    if torch.is_autocast_enabled(x.device.type):
+        amp_dtype = torch.get_autocast_dtype(x.device.type)  # eager's conv runs in it, and so its sum
+        x, weight = x.to(amp_dtype), weight.to(amp_dtype)
+        bias = bias.to(amp_dtype) if bias is not None else None
+        residual = residual.to(amp_dtype) if residual is not None else None
+    weight = gemm_layout(weight) if route[1] == "triton" else weight.contiguous(memory_format=memory_format_of(x))
+    stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+    if residual is not None:
+        check_matches(residual, conv_output_shape(x, weight, stride, padding, dilation), x.dtype, x.device,
+                      "residual")
+    return run_conv_bn_act(x, weight, bias, residual, stride, padding, dilation, conv.groups, relu, route[0],
+                           route[1])
