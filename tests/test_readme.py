@@ -29,5 +29,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_test_extra_holds_what_the_tests_import():
     extras = (ROOT / "pyproject.toml").read_text()
-    for package in ("pytest", "torchvision", "expecttest", "timm", "onnx", "onnxruntime", "onnxscript"):
+    for package in ("pytest", "pytest-xdist", "torchvision", "expecttest", "timm", "onnx", "onnxruntime", "onnxscript"):
         assert f'"{package}"' in extras, package
