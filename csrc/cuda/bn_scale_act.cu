@@ -198,8 +198,8 @@ bn_scale_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& input, 
                                                                         : nullptr},
         StoreSums<acc_t>{s1, s2, C});
     if (need_params) {
-      for_each_channel(C, ScaleActParamGrads<acc_t>{args, s1, s2, data_or_null<acc_t>(grad_scale_acc),
-                                                    grad_params.data_ptr<acc_t>(), N});
+      acc_t* grad_scale_ptr = grad_scale_acc.defined() ? grad_scale_acc.data_ptr<acc_t>() : nullptr;
+      for_each_channel(C, ScaleActParamGrads<acc_t>{args, s1, s2, grad_scale_ptr, grad_params.data_ptr<acc_t>(), N});
     }
   });
 
