@@ -161,7 +161,10 @@ def test_second_order_gradients(backend, train):
 
     params = tuple(p.detach().clone().requires_grad_(True) for p in se.parameters())
     assert torch.autograd.gradcheck(fn, (y, r, w, b, *params), fast_mode=True)
-    assert torch.autograd.gradgradcheck(fn, (y, r, w, b, *params), fast_mode=True)
+    # The second order is the same torch math for every flavour; the Triton flavour's routing to it is checked
+    # by test_bn_*::test_create_graph_*: the interpreter is spared this one.
+    if backend != "triton":
+        assert torch.autograd.gradgradcheck(fn, (y, r, w, b, *params), fast_mode=True)
 
 
 def _se_gate_functional(p, s):

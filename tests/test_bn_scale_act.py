@@ -147,8 +147,9 @@ def test_gradcheck_float64(backend, variant):
     def fn(*tensors):
         return resfuse.ops.bn_scale_act(**{**case, **dict(zip(given, tensors))}, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    # fast mode (random projections: any wrong term still moves them) keeps the interpreted Triton runs short
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])

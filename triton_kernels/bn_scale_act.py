@@ -22,7 +22,7 @@ import triton.language as tl
 from ._device import on_tensor_device
 from .bn_act import _acc_dtypes, _channel_vec, _check_activation, _same_layout
 from .bn_squeeze import _per_sample
-from .sample_tiles import _sample_tile, sample_config, sample_layout
+from .sample_tiles import _elementwise_tile, _sample_tile, sample_config, sample_layout
 
 
 @triton.jit
@@ -41,12 +41,7 @@ def _bn_scale_act_fwd_kernel(x_ptr, out_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
                              HAS_B: tl.constexpr, HAS_S: tl.constexpr, HAS_RES: tl.constexpr,
                              RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0) // p_tiles
-    t = tl.program_id(0) - n * p_tiles
-    c0 = tl.program_id(1) * BLOCK_C
-    cols = c0 + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    offs, mask, cnt = _sample_tile(n, t, c0, C, P, CHANNELS_LAST, BLOCK_P, BLOCK_C)
+    n, cols, cmask, offs, mask = _elementwise_tile(C, P, p_tiles, CHANNELS_LAST, BLOCK_P, BLOCK_C)
     mean = _channel_or(mean_ptr, cols, cmask, 0.0, HAS_MEAN, ACC, BLOCK_C)
     scale = _channel_or(invstd_ptr, cols, cmask, 1.0, HAS_INVSTD, ACC, BLOCK_C) * \
         _channel_or(w_ptr, cols, cmask, 1.0, HAS_W, ACC, BLOCK_C)

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._device import on_tensor_device
 from .bn_act import _acc_dtypes, _channel_vec, _check_activation, _split_f64
-from .sample_tiles import _sample_tile, sample_config, sample_layout
+from .sample_tiles import _elementwise_tile, _sample_tile, sample_config, sample_layout
 
 
 @triton.jit
@@ -153,12 +153,7 @@ def _bn_squeeze_coef_kernel(q_ptr, gm_ptr, gi_ptr, sq_ptr, invstd_ptr, a_ptr, b_
 def _bn_squeeze_dx_kernel(x_ptr, mean_ptr, a_ptr, b_ptr, dx_ptr, C, P, p_tiles,
                           CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0) // p_tiles
-    t = tl.program_id(0) - n * p_tiles
-    c0 = tl.program_id(1) * BLOCK_C
-    cols = c0 + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    offs, mask, cnt = _sample_tile(n, t, c0, C, P, CHANNELS_LAST, BLOCK_P, BLOCK_C)
+    n, cols, cmask, offs, mask = _elementwise_tile(C, P, p_tiles, CHANNELS_LAST, BLOCK_P, BLOCK_C)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
     a = tl.load(a_ptr + n.to(tl.int64) * C + cols, mask=cmask, other=0.0)

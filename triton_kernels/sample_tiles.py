@@ -81,3 +81,16 @@ def _sample_tile(n, t, c0, C, P, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.conste
     mask = pmask[:, None] & cmask[None, :]
     cnt = tl.minimum(P - p0, BLOCK_P)
     return offs, mask, cnt
+
+
+@triton.jit
+def _elementwise_tile(C, P, p_tiles, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of an elementwise program (grid N * p_tiles x c_blocks): its sample, channels, channel mask,
+    offsets and mask."""
+    n = tl.program_id(0) // p_tiles
+    t = tl.program_id(0) - n * p_tiles
+    c0 = tl.program_id(1) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    offs, mask, _ = _sample_tile(n, t, c0, C, P, CHANNELS_LAST, BLOCK_P, BLOCK_C)
+    return n, cols, cmask, offs, mask
