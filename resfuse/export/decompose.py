@@ -1,0 +1,71 @@
+"""resfuse's ops written as ATen ops in an exported program: a program that needs only torch to run.
+
+``torch.export.export`` of a converted model keeps resfuse's registered ops (``resfuse::conv_bn_act``...), so
+whatever runs the program calls resfuse's kernels: the process must have imported resfuse, and an AOTInductor
+package of it loads only where resfuse's Python extension is loaded (its ``_C`` needs the Python interpreter,
+so a C++-only runtime cannot load it). ``decompose(ep)`` rewrites each such call as the ATen ops it computes
+(conv + add + relu), which AOTInductor compiles and the ONNX exporter translates like any model's.
+
+One function per op, in torch ops. Every flavour of an op computes the same function and shares it.
+``bn_act`` (training-mode BatchNorm) is not among them: it updates the running statistics in place, so the
+exported program calls it through torch's ``auto_functionalized`` wrapper, which ``run_decompositions`` does
+not open. A program that still calls a resfuse op after decomposing is an error that says which and why.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_bn_act(input, weight, bias, residual, stride, padding, dilation, groups, relu):
+    """act(conv2d(input, weight) + bias [+ residual]): the op's math, as ATen's conv and pointwise ops."""
+    out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+# resfuse's op name -> its decomposition (flavours share their op's). Ops this build does not register are
+# skipped.
+DECOMPOSITIONS: dict[str, Callable] = {
+    "conv_bn_act": conv_bn_act,
+    "conv_bn_act_igemm": conv_bn_act,
+    "conv_bn_act_sm90": conv_bn_act,
+    "conv_bn_act_triton": conv_bn_act,
+}
+
+
+def decomposition_table() -> dict:
+    """``{op overload: decomposition}`` for ``ExportedProgram.run_decompositions``: resfuse's ops only, so the
+    rest of the program stays as exported."""
+    return {getattr(torch.ops.resfuse, name).default: fn for name, fn in DECOMPOSITIONS.items()
+            if hasattr(torch.ops.resfuse, name)}
+
+
+def resfuse_calls(graph_module: torch.fx.GraphModule) -> Iterator[str]:
+    """The names of the resfuse ops ``graph_module`` (and its subgraphs) calls, directly or through a wrapper
+    such as ``auto_functionalized`` (which names the op as its first argument)."""
+    for module in graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for target in (node.target, *node.args[:1]):
+                if isinstance(target, torch._ops.OpOverload) and target.namespace == "resfuse":
+                    yield target.name()
+
+
+def decompose(exported_program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``exported_program`` with every resfuse op rewritten as ATen ops (see the module docstring)."""
+    program = exported_program.run_decompositions(decomposition_table())
+    left = sorted(set(resfuse_calls(program.graph_module)))
+    if left:
+        raise RuntimeError(
+            f"resfuse.export.decompose: the program still calls {', '.join(left)}, which has no decomposition"
+            + (" (BatchNorm with batch statistics, as in training mode: it updates running statistics in place)"
+               if any(name.startswith("resfuse::bn_act") for name in left) else "")
+            + ". Export the model in eval mode (model.eval()), or resfuse.revert(model) before exporting it")
+    return program
