@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import randomize_bn_, resfuse
 
@@ -47,6 +48,20 @@ def resfuse_op_count(graph: torch.fx.Graph) -> int:
     its test tests torch's own export of an eager model."""
     return sum(1 for node in graph.nodes
                if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "resfuse")
+
+
+def resfuse_ops_run(fn, *args) -> int:
+    """How many resfuse ops ``fn(*args)`` runs (eagerly)."""
+    names = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    with _Record(), torch.no_grad():
+        fn(*args)
+    return names.count("resfuse")
 
 
 def serve(snippet: str, x: torch.Tensor, cwd: pathlib.Path) -> subprocess.CompletedProcess:
