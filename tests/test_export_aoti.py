@@ -15,7 +15,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import resfuse.export
 from _helpers import randn, randomize_bn_, rel_err, resfuse
-from _serving import eager_and_converted, readme_snippet, resfuse_op_count, run_snippet, serve
+from _serving import (EvalBNAct, Fold, FoldedConv, conv_and_bn, eager_and_converted, readme_snippet,
+                      resfuse_op_count, run_snippet, serve)
 
 
 TOL = 1e-5  # float32: ||package - eager|| / ||eager||
@@ -112,6 +113,46 @@ def test_decomposition_of_every_conv_option(relu):
         expected = unit.bn(unit.conv(x)) + residual
         expected = torch.relu(expected) if relu else expected
         assert rel_err(resfuse.export.decompose(ep).module()(x, residual), expected) < TOL
+
+
+def _decomposed(module, args):
+    """(the exported program's module with resfuse's op decomposed, how many resfuse ops the export held)."""
+    ep = torch.export.export(module, args)
+    decomposed = resfuse.export.decompose(ep)
+    assert resfuse_op_count(decomposed.graph) == 0
+    return decomposed.module(), resfuse_op_count(ep.graph)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("affine, relu", [(True, True), (False, False)])
+def test_decomposition_of_bn_eval_act(affine, relu, backend):
+    bn = randomize_bn_(nn.BatchNorm2d(6, affine=affine, eps=1e-3)).eval()
+    x, residual = randn(2, 6, 5, 7, seed=8), randn(2, 6, 5, 7, seed=9)
+    module, fused_ops = _decomposed(EvalBNAct(bn, affine, relu, backend), (x, residual))
+    assert fused_ops == 1
+    with torch.no_grad():
+        expected = bn(x) + residual
+        expected = torch.relu(expected) if relu else expected
+        assert rel_err(module(x, residual), expected) < TOL
+
+
+@pytest.mark.parametrize("impl, layout", [("cuda", "contiguous"), ("cuda", "channels_last"), ("triton", "gemm")])
+@pytest.mark.parametrize("conv_bias, affine", [(True, True), (False, False)])
+def test_decomposition_of_fold_bn(conv_bias, affine, impl, layout):
+    conv, bn = conv_and_bn(conv_bias, affine)
+    x = randn(2, 4, 5, 7, seed=12)
+    folded_conv, fused_ops = _decomposed(FoldedConv(conv, bn, impl, layout), (x,))
+    assert fused_ops == 1
+    with torch.no_grad():
+        assert rel_err(folded_conv(x), bn(conv(x))) < TOL
+    # the fold itself: the op's dtype, and W' stored as the op stores it
+    fold = Fold(conv, bn, impl, layout, dtype=torch.float16)
+    decomposed_fold, _ = _decomposed(fold, (x,))
+    weight, bias = decomposed_fold(x)
+    expected_weight, expected_bias = fold(x)
+    assert weight.dtype == bias.dtype == torch.float16
+    assert weight.stride() == expected_weight.stride()
+    assert rel_err(weight, expected_weight) < 1e-3 and rel_err(bias, expected_bias) < 1e-3  # fp16 roundings
 
 
 def test_decompose_refuses_batch_statistics_with_a_clear_error():

@@ -4,7 +4,8 @@
 whatever runs the program calls resfuse's kernels: the process must have imported resfuse, and an AOTInductor
 package of it loads only where resfuse's Python extension is loaded (its ``_C`` needs the Python interpreter,
 so a C++-only runtime cannot load it). ``decompose(ep)`` rewrites each such call as the ATen ops it computes
-(conv + add + relu), which AOTInductor compiles and the ONNX exporter translates like any model's.
+(conv + add + relu, eval-mode batch_norm, the BN fold's arithmetic), which AOTInductor compiles and the ONNX
+exporter translates like any model's.
 
 One function per op, in torch ops. Every flavour of an op computes the same function and shares it.
 ``bn_act`` (training-mode BatchNorm) is not among them: it updates the running statistics in place, so the
@@ -18,6 +19,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..ops.fold_bn import storage_order
+
 
 def conv_bn_act(input, weight, bias, residual, stride, padding, dilation, groups, relu):
     """act(conv2d(input, weight) + bias [+ residual]): the op's math, as ATen's conv and pointwise ops."""
@@ -27,6 +30,31 @@ def conv_bn_act(input, weight, bias, residual, stride, padding, dilation, groups
     return torch.relu(out) if relu else out
 
 
+def bn_eval_act(input, weight, bias, residual, running_mean, running_var, eps, relu):
+    """act(eval-mode batch_norm(input) [+ residual]): ATen's BatchNorm with the running statistics."""
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training=False, eps=eps)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, dtype, layout):
+    """(W', b'): the eval BatchNorm folded into the conv before it, computed in float32 (float64 for a
+    float64 conv weight), written in ``dtype`` and stored as ``layout`` stores it."""
+    acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(acc)
+    shift = -running_mean.to(acc) if conv_bias is None else conv_bias.to(acc) - running_mean.to(acc)
+    shift = shift * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(acc)
+    weight = (conv_weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype)
+    order = storage_order(layout)
+    stored = weight.permute(order).contiguous().permute([order.index(d) for d in range(4)])
+    return stored, shift.to(dtype)
+
+
 # resfuse's op name -> its decomposition (flavours share their op's). Ops this build does not register are
 # skipped.
 DECOMPOSITIONS: dict[str, Callable] = {
@@ -34,6 +62,10 @@ DECOMPOSITIONS: dict[str, Callable] = {
     "conv_bn_act_igemm": conv_bn_act,
     "conv_bn_act_sm90": conv_bn_act,
     "conv_bn_act_triton": conv_bn_act,
+    "bn_eval_act": bn_eval_act,
+    "bn_eval_act_triton": bn_eval_act,
+    "_fold_bn": fold_bn,
+    "_fold_bn_triton": fold_bn,
 }
 
 
