@@ -66,7 +66,7 @@ def test_traced_module_follows_later_changes_of_weights_and_running_statistics()
 def test_script_raises_an_error_that_says_what_to_do_and_leaves_the_model_fused():
     eager, converted = _resnet18()
     modules_before = dict(converted.named_modules())
-    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace.*resfuse\.revert\(copy\.deepcopy\(model\)\)"):
+    with pytest.raises(RuntimeError, match=r"TorchvisionResNet.*torch\.jit\.trace.*resfuse\.revert\(copy\.deepcopy\(model\)\)"):
         torch.jit.script(converted)
     assert dict(converted.named_modules()) == modules_before  # the same objects, still resfuse's classes
     assert type(converted.layer1[0]) is resfuse.BasicBlock
@@ -94,7 +94,7 @@ def test_scripting_an_unfused_copy_as_the_error_says_matches():
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
-def test_readme_feature_extractor_snippet_gives_eager_features(name):
+def test_readme_fx_snippet_gives_eager_outputs_and_features(name):
     eager, converted = eager_and_converted(getattr(torchvision.models, name)())
     x = randn(2, 3, 32, 32, seed=4)
     snippet = readme_snippet("create_feature_extractor")
@@ -104,10 +104,12 @@ def test_readme_feature_extractor_snippet_gives_eager_features(name):
         ours = run_snippet(snippet, model=converted, x=x)
     assert any("traced by torch.fx" in str(w.message) for w in caught)
     theirs = run_snippet(snippet, model=eager, x=x)
+    assert rel_err(ours["out"], theirs["out"]) < TOL
     assert ours["features"].keys() == {"c3", "c5"}
     for key, value in theirs["features"].items():
         assert rel_err(ours["features"][key], value) < TOL, key
-    # the graph calls torchvision's modules; the converted model itself still runs resfuse's ops
-    called = {node.target for node in ours["extractor"].graph.nodes if node.op == "call_module"}
-    assert {"conv1", "bn1", "layer1.0.conv1", "layer1.0.bn3", "layer4.2.relu"} <= called
+    # both graphs call torchvision's modules; the converted model itself still runs resfuse's ops
+    for graph_module in (ours["graph_module"], ours["extractor"]):
+        called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
+        assert {"conv1", "bn1", "layer1.0.conv1", "layer1.0.bn3", "layer4.2.relu"} <= called
     assert resfuse_ops_run(converted, x) == 53
