@@ -71,8 +71,9 @@ def test_script_raises_an_error_that_says_what_to_do_and_leaves_the_model_fused(
     assert dict(converted.named_modules()) == modules_before  # the same objects, still resfuse's classes
     assert type(converted.layer1[0]) is resfuse.BasicBlock
     # inside another model too (each block refuses), and ConvBNReLU, which revert() leaves alone, says to trace
-    with pytest.raises(RuntimeError, match="resfuse's Bottleneck"):
-        torch.jit.script(nn.Sequential(resfuse.Bottleneck(16, 4)))
+    for block in (resfuse.BasicBlock(8, 8), resfuse.Bottleneck(16, 4)):
+        with pytest.raises(RuntimeError, match=f"resfuse's {type(block).__name__}"):
+            torch.jit.script(nn.Sequential(block))
     with pytest.raises(RuntimeError, match=r"resfuse's ConvBNReLU.*torch\.jit\.trace") as info:
         torch.jit.script(nn.Sequential(resfuse.ConvBNReLU(3, 4, 3)))
     assert "revert" not in str(info.value)
