@@ -102,10 +102,10 @@ def test_decompose_leaves_only_aten_ops_that_compute_the_same():
             assert rel_err(decomposed.module()(xb), eager(xb)) < TOL
 
 
-@pytest.mark.parametrize("relu", [True, False])
-def test_decomposition_of_every_conv_option(relu):
+@pytest.mark.parametrize("relu, backend", [(True, "cuda"), (False, "triton")])  # the C++ op, the Triton op
+def test_decomposition_of_every_conv_option(relu, backend):
     unit = randomize_bn_(resfuse.ConvBNReLU(4, 6, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
-                                            relu=relu)).eval()
+                                            relu=relu, backend=backend)).eval()
     x, residual = randn(2, 4, 9, 11, seed=6), randn(2, 6, 5, 11, seed=7)
     ep = torch.export.export(unit, (x, residual))
     assert resfuse_op_count(ep.graph) == 1

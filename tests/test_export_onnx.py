@@ -86,12 +86,14 @@ class _ConvBNAdd(nn.Module):
 class _RawConvOp(nn.Module):
     """resfuse.ops.conv_bn_act called directly, without a bias (a module never passes None: its fold makes one)."""
 
-    def __init__(self):
+    def __init__(self, backend):
         super().__init__()
         self.weight = nn.Parameter(randn(6, 4, 3, 3, seed=3))
+        self.backend = backend
 
     def forward(self, x):
-        return resfuse.ops.conv_bn_act(x, self.weight, None, None, stride=2, padding=1, relu=True)
+        return resfuse.ops.conv_bn_act(x, self.weight, None, None, stride=2, padding=1, relu=True,
+                                       backend=self.backend)
 
 
 def _export_and_run(module, args, outputs=1):
@@ -125,8 +127,9 @@ def test_translation_of_every_conv_option(relu):
     assert rel_err(out, expected) < TOL
 
 
-def test_translation_without_a_bias():
-    module = _RawConvOp()
+@pytest.mark.parametrize("backend", ["cuda", "triton"])  # the C++ op and the Triton one: one translation
+def test_translation_without_a_bias(backend):
+    module = _RawConvOp(backend)
     x = randn(2, 4, 7, 7, seed=6)
     with torch.no_grad():
         expected = torch.relu(torch.nn.functional.conv2d(x, module.weight, None, 2, 1))

@@ -7,7 +7,7 @@ so a C++-only runtime cannot load it). ``decompose(ep)`` rewrites each such call
 (conv + add + relu, eval-mode batch_norm, the BN fold's arithmetic), which AOTInductor compiles and the ONNX
 exporter translates like any model's.
 
-One function per op, in torch ops. Every flavour of an op computes the same function and shares it.
+One function per op, in torch ops; an op's flavours share it (flavours.py).
 ``bn_act`` (training-mode BatchNorm) is not among them: it updates the running statistics in place, so the
 exported program calls it through torch's ``auto_functionalized`` wrapper, which ``run_decompositions`` does
 not open. A program that still calls a resfuse op after decomposing is an error that says which and why.
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.fold_bn import storage_order
+from .flavours import by_overload
 
 
 def conv_bn_act(input, weight, bias, residual, stride, padding, dilation, groups, relu):
@@ -55,25 +56,18 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
     return stored, shift.to(dtype)
 
 
-# resfuse's op name -> its decomposition (flavours share their op's). Ops this build does not register are
-# skipped.
+# resfuse's op -> its decomposition, which its flavours share (flavours.py).
 DECOMPOSITIONS: dict[str, Callable] = {
     "conv_bn_act": conv_bn_act,
-    "conv_bn_act_igemm": conv_bn_act,
-    "conv_bn_act_sm90": conv_bn_act,
-    "conv_bn_act_triton": conv_bn_act,
     "bn_eval_act": bn_eval_act,
-    "bn_eval_act_triton": bn_eval_act,
     "_fold_bn": fold_bn,
-    "_fold_bn_triton": fold_bn,
 }
 
 
 def decomposition_table() -> dict:
     """``{op overload: decomposition}`` for ``ExportedProgram.run_decompositions``: resfuse's ops only, so the
     rest of the program stays as exported."""
-    return {getattr(torch.ops.resfuse, name).default: fn for name, fn in DECOMPOSITIONS.items()
-            if hasattr(torch.ops.resfuse, name)}
+    return by_overload(DECOMPOSITIONS)
 
 
 def resfuse_calls(graph_module: torch.fx.GraphModule) -> Iterator[str]:

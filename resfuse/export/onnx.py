@@ -4,10 +4,9 @@
                                      custom_translation_table=resfuse.export.onnx_translations())
 
 The exporter meets resfuse's registered ops in the exported program and asks this table how to write each one
-in ONNX; what comes out is ordinary Conv / Add / Relu nodes, so any ONNX runtime runs the model with no custom
-op and nothing of resfuse installed. One function per op, in onnxscript (traced: attributes arrive as the
-Python values the exported program holds). Every flavour of an op (C++, Triton, the named CUDA kernels)
-computes the same function and shares its translation.
+in ONNX; what comes out is ordinary Conv / BatchNormalization / Add / Relu nodes, so any ONNX runtime runs the
+model with no custom op and nothing of resfuse installed. One function per op, in onnxscript (traced:
+attributes arrive as the Python values the exported program holds); an op's flavours share it (flavours.py).
 
 - ``conv_bn_act``: its inputs are the folded weight and bias (the fold is torch ops before it, on the model's
   initializers): Conv(x, W', b') [+ residual] [-> Relu].
@@ -25,9 +24,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
+
+from .flavours import by_overload
 
 
 def conv_bn_act(input, weight, bias, residual, stride, padding, dilation, groups, relu):
@@ -75,22 +75,15 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
     return op.Cast(weight, to=dtype), op.Cast(shift, to=dtype)
 
 
-# resfuse's op name -> its translation (flavours share their op's). Ops this build does not register are
-# skipped.
+# resfuse's op -> its translation, which its flavours share (flavours.py).
 TRANSLATIONS: dict[str, Callable] = {
     "conv_bn_act": conv_bn_act,
-    "conv_bn_act_igemm": conv_bn_act,
-    "conv_bn_act_sm90": conv_bn_act,
-    "conv_bn_act_triton": conv_bn_act,
     "bn_eval_act": bn_eval_act,
-    "bn_eval_act_triton": bn_eval_act,
     "_fold_bn": fold_bn,
-    "_fold_bn_triton": fold_bn,
 }
 
 
 def onnx_translations() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: each resfuse op this build
     registers, mapped to its translation."""
-    return {getattr(torch.ops.resfuse, name).default: fn for name, fn in TRANSLATIONS.items()
-            if hasattr(torch.ops.resfuse, name)}
+    return by_overload(TRANSLATIONS)
