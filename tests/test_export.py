@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from _helpers import randn, rel_err, resfuse
+from _helpers import randn, randomize_bn_, rel_err, resfuse
 from _serving import eager_and_converted, readme_snippet, resfuse_ops_run, run_snippet, serve
 
 TOL = 1e-5  # float32: ||route - eager|| / ||eager||
@@ -61,6 +61,25 @@ def test_traced_module_follows_later_changes_of_weights_and_running_statistics()
             model.layer3[0].downsample[1].running_mean.add_(0.5)
             model.layer2[1].conv2.weight.data.mul_(0.5)
         assert rel_err(traced(x), eager(x)) < TOL
+
+
+def test_trace_of_a_folding_route_at_1x1_feature_maps():
+    # The routes that fold BN into the weight (GPUs, the Triton conv) pick W''s layout from the input's; a 1x1
+    # feature map is contiguous in both layouts, and the tracer hands its sizes out as tensors (layout.py).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", resfuse.ConversionWarning)
+        unit = randomize_bn_(resfuse.ConvBNReLU(4, 6, 1, backend="triton")).eval()
+    x = randn(2, 4, 1, 1, seed=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # under no_grad: check_trace reruns without grad, and with grad this route folds with torch ops instead of
+        # resfuse::_fold_bn (routing.py _folded_weight), a different graph (open: told to the lead)
+        with torch.no_grad():
+            traced = torch.jit.trace(unit, x)
+    graph = str(traced.inlined_graph)
+    assert "resfuse::_fold_bn_triton" in graph and "resfuse::conv_bn_act_triton" in graph
+    with torch.no_grad():
+        assert rel_err(traced(x), torch.relu(unit.bn(unit.conv(x)))) < TOL
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
