@@ -8,9 +8,11 @@ The C++ kernels state the same rules in csrc/common.h (``suggest_memory_format``
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
-from torch._prims_common import suggest_memory_format
+from torch._prims_common import are_strides_like_channels_last_or_false, suggest_memory_format
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
@@ -27,4 +29,13 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         if x.is_contiguous() != channels_last:
             return torch.channels_last if channels_last else torch.contiguous_format
+    if x.dim() == 4 and torch.jit.is_tracing():
+        # torch.jit.trace hands out sizes as 0-dim tensors, which torch's rule cannot compare. The layout picked
+        # here is a constant of the trace, as the one a module picks its weight's layout by: numbers never
+        # depend on it, so the tracer's warning about reading a size is not the user's concern.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            shape = [int(size) for size in x.shape]
+        return torch.channels_last if are_strides_like_channels_last_or_false(shape, x.stride()) \
+            else torch.contiguous_format
     return suggest_memory_format(x)

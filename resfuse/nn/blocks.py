@@ -27,6 +27,7 @@ from .routing import (
     warn_module_path_once,
     warn_once,
 )
+from .scripting import refuse_scripting
 
 
 def _route(block: nn.Module, x: Tensor, convs: tuple, norms: tuple) -> Optional[Route]:
@@ -82,6 +83,9 @@ class BasicBlock(EagerBasicBlock):
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.backend = backend
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_scripting(self)
+
     def forward(self, x: Tensor) -> Tensor:
         conv1, conv2, bn1, bn2 = self.conv1, self.conv2, self.bn1, self.bn2
         route = _route(self, x, (("conv1", conv1), ("conv2", conv2)), (("bn1", bn1), ("bn2", bn2)))
@@ -110,6 +114,9 @@ class Bottleneck(EagerBottleneck):
     ) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_scripting(self)
 
     def forward(self, x: Tensor) -> Tensor:
         conv1, conv2, conv3, bn1, bn2, bn3 = self.conv1, self.conv2, self.conv3, self.bn1, self.bn2, self.bn3

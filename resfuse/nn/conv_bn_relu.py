@@ -15,6 +15,7 @@ from .routing import (
     traced_by_fx,
     warn_module_path_once,
 )
+from .scripting import refuse_scripting
 
 
 class ConvBNReLU(nn.Module):
@@ -51,6 +52,9 @@ class ConvBNReLU(nn.Module):
         module.relu = relu
         module.backend = backend
         return module
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_scripting(self, revertible=False)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         conv, bn = self.conv, self.bn

@@ -26,6 +26,7 @@ from .routing import (
     traced_by_fx,
     warn_module_path_once,
 )
+from .scripting import refuse_scripting
 
 BACKEND_ATTR = "_resfuse_backend"
 _classes: dict[str, type] = {}
@@ -53,6 +54,9 @@ def _torchvision_resnet() -> type:
 
     class TorchvisionResNet(ResNet):
         """torchvision's ResNet whose stem runs fused (resfuse.nn.fused_resnet); everything else is its own."""
+
+        def __prepare_scriptable__(self) -> nn.Module:
+            refuse_scripting(self)
 
         def _forward_impl(self, x: Tensor) -> Tensor:
             x = self.maxpool(stem_forward(self, x))
