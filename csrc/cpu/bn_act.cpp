@@ -345,14 +345,6 @@ at::Tensor bn_act_apply_cpu(const at::Tensor& input, const at::Tensor& mean, con
   return out;
 }
 
-// The ReLU's gradient of one element: `out <= 0` masks, as torch's threshold_backward (a NaN output passes).
-template <typename scalar_t>
-inline at::opmath_type<scalar_t> masked_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t g = static_cast<opmath_t>(grad_out[idx]);
-  return (out != nullptr && static_cast<opmath_t>(out[idx]) <= opmath_t(0)) ? opmath_t(0) : g;
-}
-
 at::Tensor bn_act_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
                                       const at::Tensor& mean, const at::Tensor& invstd, bool relu) {
   check_bn_act_backward_pass_args(grad_out, input, out, mean, invstd, "resfuse::_bn_act_backward_reduce");
@@ -373,7 +365,7 @@ at::Tensor bn_act_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tens
       const double* mp = m.data();
       const double* ip = is.data();
       sums = reduce_per_channel<2>(v, [=](int64_t c, int64_t idx, double* acc) {
-        const double g = static_cast<double>(masked_grad(gp, op, idx));
+        const double g = static_cast<double>(relu_grad(gp, op, idx));
         acc[c] += g;
         acc[C + c] += g * (static_cast<double>(xp[idx]) - mp[c]) * ip[c];
       });
@@ -429,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_elemt_cpu(
     const opmath_t* ck1 = c_k1.data();
     const opmath_t* cm2 = c_m2.data();
     parallel_for_each(v, [=](int64_t c, int64_t idx) {
-      const opmath_t g = masked_grad(gp, op, idx);
+      const opmath_t g = relu_grad(gp, op, idx);
       if (gr != nullptr) {
         gr[idx] = static_cast<scalar_t>(g);
       }

@@ -59,15 +59,6 @@ at::Tensor bn_eval_act_cpu(const at::Tensor& input, const std::optional<at::Tens
   return out;
 }
 
-// The gradient through ReLU as torch's threshold_backward gives it: zero where out <= 0, grad_out elsewhere
-// (a NaN output passes it on). `out` null: no ReLU.
-template <typename scalar_t>
-inline at::opmath_type<scalar_t> relu_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const opmath_t g = static_cast<opmath_t>(grad_out[idx]);
-  return (out != nullptr && static_cast<opmath_t>(out[idx]) <= opmath_t(0)) ? opmath_t(0) : g;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& out, const at::Tensor& running_mean, const at::Tensor& running_var, double eps, bool relu,

@@ -70,6 +70,15 @@ inline void parallel_for_units(const ChannelView& v, const F& fn) {
   at::parallel_for(0, u.count, grain, fn);
 }
 
+// The gradient through ReLU of element idx as torch's threshold_backward gives it: zero where out <= 0,
+// grad_out elsewhere (a NaN output passes it on). `out` null: no ReLU. For the per-element passes below.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> relu_grad(const scalar_t* grad_out, const scalar_t* out, int64_t idx) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t g = static_cast<opmath_t>(grad_out[idx]);
+  return (out != nullptr && static_cast<opmath_t>(out[idx]) <= opmath_t(0)) ? opmath_t(0) : g;
+}
+
 // Elementwise pass: fn(c, idx) once per element, in parallel. fn must only write element idx.
 template <typename F>
 inline void parallel_for_each(const ChannelView& v, const F& fn) {
