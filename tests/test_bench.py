@@ -442,14 +442,10 @@ def test_timm_models_in_the_models_bench():
     assert "torchvision" in cases.provider_unavailable(problem, "cudnn_fused")
     eager = cases.make_runner(problem, "eager")
     assert cases.rel_err(eager.step(), problem.reference()) < 1e-6
-    if HAS_EXTENSION_OPS:
-        try:
-            runner = cases.make_runner(problem, "resfuse_cuda")
-        except cases.Unavailable as exc:
-            assert "fused nothing" in str(exc)
-        else:
-            assert "fused" in runner.converted
-            assert cases.rel_err(runner.step(), problem.reference()) < 1e-4
+    if HAS_EXTENSION_OPS:  # convert() fuses timm's ResNets: the provider runs, within the 2x rule
+        runner = cases.make_runner(problem, "resfuse_cuda")
+        assert "blocks fused" in runner.converted, runner.converted
+        assert cases.rel_err(runner.step(), problem.reference64()) <= problem.accuracy_limit()
 
 
 def test_round_robin_interleaves_the_providers():

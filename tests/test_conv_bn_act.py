@@ -215,7 +215,10 @@ def test_auto_blocks_take_the_cudnn_route_in_eval(monkeypatch):
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return torch.relu(y if residual is None else y + residual)
 
+    from resfuse.nn import routing
+
     monkeypatch.setattr(cudnn_fused, "_device_reason", lambda x: None)  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(routing, "eval_without_fold", lambda x, impl: False)  # and take the GPU's eval route
     monkeypatch.setattr(cudnn_fused, "run", stand_in)
     ds = torch.nn.Sequential(tv.conv1x1(16, 32, 2), torch.nn.BatchNorm2d(32))
     cases = [(tv.BasicBlock(8, 8), (2, 8, 6, 6), [False, True]),

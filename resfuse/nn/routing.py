@@ -204,6 +204,13 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
+def eval_without_fold(x: Tensor, impl: str) -> bool:
+    """Whether an eval conv-BN runs unfolded: on CPU nothing needs the fold, so ATen's conv on the raw weight,
+    then BN from the running statistics, the residual and the ReLU in one pass (bn_eval_act): eager's own order
+    of operations. Elsewhere the one-launch conv kernels take the folded weight."""
+    return x.device.type == "cpu" and impl == "cuda"
+
+
 def _folded_weight(x: Tensor, conv: nn.Conv2d, bn: nn.Module, impl: str, amp_dtype: Optional[torch.dtype]
                    ) -> tuple[Tensor, Tensor]:
     """(W', b') for the one-launch conv kernels, in the layout the conv reads: made on every call (fold.py says
@@ -231,9 +238,7 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
     if uses_batch_stats(bn):
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return fused_bn_act(y, bn, residual, relu, route)
-    if x.device.type == "cpu" and impl == "cuda":
-        # On CPU nothing needs the fold: ATen's conv on the raw weight, then BN from the running statistics,
-        # the residual and the ReLU in one pass: eager's own order of operations.
+    if eval_without_fold(x, impl):
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if residual is not None and residual.dtype != y.dtype:
             residual = residual.to(y.dtype)
