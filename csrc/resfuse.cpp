@@ -76,6 +76,22 @@ TORCH_LIBRARY(resfuse, m) {
   m.def(
       "_fold_bn(Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor running_mean, "
       "Tensor running_var, float eps, ScalarType dtype, str layout) -> (Tensor, Tensor)");
+  // The SE / ECA / drop_path tail of a block (resfuse/ops/bn_squeeze.py, bn_scale_act.py): training-mode batch
+  // statistics + the per-sample squeeze of the normalised input; all three outputs are differentiable.
+  m.def(
+      "bn_squeeze(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_bn_squeeze_backward(Tensor? grad_squeeze, Tensor? grad_mean, Tensor? grad_invstd, Tensor input, "
+      "Tensor mean, Tensor invstd, Tensor squeeze) -> Tensor");
+  // BatchNorm with given statistics * a per-(sample, channel) factor + optional residual + optional ReLU.
+  m.def(
+      "bn_scale_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, Tensor? scale, "
+      "Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "_bn_scale_act_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor? mean, "
+      "Tensor? invstd, Tensor? scale, Tensor out, bool relu, bool[7] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -202,3 +202,66 @@ def bn_act_backward_elemt_ref(grad_out: Tensor, x: Tensor, weight: Optional[Tens
     if output_mask[1]:
         grad_residual = g.to(x.dtype).contiguous(memory_format=fmt)
     return grad_input, grad_residual if output_mask[1] else empty.clone()
+
+
+def bn_squeeze_ref(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm's batch statistics and the per-sample squeeze of its normalised output.
+
+    Returns (squeeze, mean, invstd): ``squeeze[n, c]`` is the mean over (H, W) of ``(x - mean) * invstd``, the
+    input of an SE/ECA gate before BN's affine; all three are differentiable functions of x, in fp32 (fp64 for
+    fp64 input). Running statistics are updated as in bn_act_ref; an empty input returns zeros and leaves them.
+    """
+    acc = _acc_dtype(x)
+    xf = x.to(acc)
+    n = x.numel() // max(x.shape[1], 1)
+    if n == 0:
+        # Zeros, as the kernels return, still on x's graph: an empty batch's gradient is an empty tensor.
+        return xf.sum(dim=(2, 3)), xf.sum(dim=(0, 2, 3)), xf.sum(dim=(0, 2, 3))
+    mean = xf.mean(dim=(0, 2, 3))
+    var = xf.var(dim=(0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + eps)
+    squeeze = (xf.mean(dim=(2, 3)) - mean) * invstd
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            unbiased = var.detach() * (n / max(n - 1, 1))
+            running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return squeeze, mean, invstd
+
+
+def bn_scale_act_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Optional[Tensor],
+    invstd: Optional[Tensor],
+    scale: Optional[Tensor],
+    residual: Optional[Tensor],
+    relu: bool,
+) -> Tensor:
+    """``act(((x - mean) * invstd * weight + bias) * scale[n, c] + residual)``: BatchNorm with given statistics
+    (batch or running ones; none when the conv already carries the folded BN), a per-sample per-channel factor
+    (an SE/ECA gate, a drop_path mask, or both multiplied), the shortcut and ReLU. Every None is the identity."""
+    acc = _acc_dtype(x)
+    y = x.to(acc)
+    if mean is not None:
+        y = y - _channel(mean.to(acc))
+    if invstd is not None:
+        y = y * _channel(invstd.to(acc))
+    if weight is not None:
+        y = y * _channel(weight.to(acc))
+    if bias is not None:
+        y = y + _channel(bias.to(acc))
+    if scale is not None:
+        y = y * scale.to(acc)[:, :, None, None]
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=suggest_memory_format(x))

@@ -187,3 +187,24 @@ def count_model(model, resolution: int) -> ModelCount:
         for h in hooks:
             h.remove()
     return ModelCount(convs, fc[-1] if fc else None)
+
+
+# Passes over an activation-sized tensor (each read or write of one counts once) from a block's conv3 output y
+# to its output, for the SE / ECA / drop_path tail (resfuse/ops/block_tail.py has the derivation).
+# (train, drop_path) -> (eager, fused); drop_path is the identity in eval. Eager is timm's sequence: bn3, the
+# SE/ECA mean, x * gate, [x * keep], x += shortcut, ReLU, and autograd's backward of it; in eval bn3 runs
+# unfolded, as in timm's model.
+TAIL_PASSES = {
+    (False, False): (10, 4),
+    (True, False): (11 + 16, 4 + 10),
+    (True, True): (13 + 18, 4 + 10),
+}
+
+
+def block_tail_bytes(shape: ActShape, n: int, itemsize: int, train: bool, drop_path: bool = False,
+                     fused: bool = True) -> int:
+    """Least memory traffic of a block's SE / ECA tail on an activation ``shape`` (the [N, C] gate is left
+    out: C values per sample against C*H*W): fused (bn_squeeze + bn_scale_act) or eager (timm's ops)."""
+    eager_passes, fused_passes = TAIL_PASSES[(bool(train), bool(drop_path and train))]
+    numel = n * shape.channels * shape.size ** 2
+    return (fused_passes if fused else eager_passes) * numel * itemsize
