@@ -239,15 +239,20 @@ inline bool dispatchable(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// A [C] tensor's values as doubles, read in place (no temporary tensor: this runs several times per call).
+// A tensor's values as doubles in row-major order: a [C] per-channel vector (read in place, strided or not: no
+// temporary tensor, this runs several times per call) or an [N, C] per-sample matrix.
 inline std::vector<double> to_doubles(const at::Tensor& t) {
   if (!dispatchable(t.scalar_type())) {
     return to_doubles(t.to(at::kDouble));
   }
+  if (t.dim() > 1 && !t.is_contiguous()) {
+    return to_doubles(t.contiguous());
+  }
   std::vector<double> values(static_cast<size_t>(t.numel()));
   RESFUSE_DISPATCH_FLOATING(t.scalar_type(), "resfuse_to_doubles", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
-    const int64_t stride = t.dim() == 0 ? 0 : t.stride(0);
+    // Only a 1-D tensor is walked by its stride; a 0-D one has one value, a contiguous n-D one is flat.
+    const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
     for (size_t i = 0; i < values.size(); ++i) {
       values[i] = static_cast<double>(p[static_cast<int64_t>(i) * stride]);
     }
