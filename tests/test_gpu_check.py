@@ -33,6 +33,7 @@ def test_dry_run_resolves_every_step(dry_run):
     blocks = checks["blocks: plan"]["detail"]
     assert blocks.startswith("8 problems") and all(p in blocks for p in cases.PROVIDERS)
     assert "model:timm:resnet50d train" in checks["models: plan"]["detail"]
+    assert "model:timm:seresnet50 train" in checks["models: plan"]["detail"]
     assert "resfuse_compile_cudagraphs" in checks["profile: arguments"]["detail"]
     assert checks["probe: runs here"]["detail"].startswith("torch ")
     # the kernels' files run before the rest, and the build before everything

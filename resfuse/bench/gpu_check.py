@@ -13,7 +13,7 @@ with a time limit, logging to OUT_DIR and going on past failures:
    triton-marked files run their kernels there), the kernels' correctness files first, then the rest.
 3. ``blocks``: ``python -m resfuse.bench`` on the identity BasicBlock of each stage, eval and train, every
    provider (``--quick``: two stages).
-4. ``models``: resnet18, resnet50 and timm's resnet50d whole, B=256, eval and train.
+4. ``models``: resnet18, resnet50, timm's seresnet50 and resnet50d whole, B=256, eval and train.
 5. ``profile``: ``python -m resfuse.bench.profile``, the training step at C64_H56 and C256_H14.
 
 ``--quick`` runs the first three within 4 minutes. Time: the run has a budget (8 minutes, 4 with ``--quick``)
@@ -69,7 +69,8 @@ KERNEL_TEST_FILES = ("tests/test_csrc.py", "tests/test_conv_bn_act.py", "tests/t
 TEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed): a hung test costs this, not the step
 BLOCK_STAGES = {"full": None, "quick": "C64_H56,C256_H14"}  # None: every stage of the GPU preset
 BLOCK_REPEATS = 100
-MODELS = ("resnet18", "resnet50", "timm:resnet50d")  # the cheapest to compile first: a cut keeps more
+MODELS = ("resnet18", "resnet50", "timm:seresnet50", "timm:resnet50d")  # the cheapest to compile first: a cut
+# keeps more; timm's seresnet50 is resnet50 with an SE gate per block: the pair shows what the fused SE tail adds
 # the baselines of the key ratios and resfuse's ways of running a model; Triton's conv and the CUDA-graph
 # providers are left to the blocks (compiling whole models twice more does not fit the budget)
 MODEL_PROVIDERS = ("eager", "compile", "compile_freezing", "cudnn_fused", "resfuse_cuda", "resfuse_auto",
