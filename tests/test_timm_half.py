@@ -8,7 +8,8 @@ timm's own error at that precision (the same model run by timm, at the same dtyp
 small floor. Every call runs the fused ops a float64 call runs (counted) and no block warns that it ran its
 modules.
 
-On CPU the "cuda" backend (the C++ kernels) at both dtypes and under autocast. The "triton" backend and the
+On CPU the "cuda" backend (the C++ kernels) at both dtypes and under autocast, and one small fp16 training
+step on the Triton interpreter (a whole model there takes minutes). The "triton" backend on every model and the
 registry's real stage widths are the GPU variants, marked ``cuda`` (unverified until a GPU runs them); the
 Triton interpreter's bf16 ``tl.dot`` and bf16 stores are wrong (tests/_helpers.py), so its bf16 cases are
 GPU-only in any case.
@@ -82,10 +83,9 @@ def damp_residual_branches_(model, factor=0.1):
     return model
 
 
-def _models(name, dtype, backend, real_widths=False, device="cpu"):
+def _models(name, dtype, backend, config, device):
     """(float64 truth, timm's model at ``dtype``, a copy converted by resfuse): the same weights and statistics."""
     torch.manual_seed(0)
-    config = {} if real_widths else (SMALL_V2 if name.startswith("resnetv2") else SMALL)
     exact = timm.create_model(name, pretrained=False, num_classes=8, **config)
     exact = damp_residual_branches_(randomize_bn_(exact)).to(device).double()
     theirs = copy.deepcopy(exact).to(dtype)
@@ -141,9 +141,12 @@ class Errors:
         assert not self.bad, f"{len(self.bad)} over 2x timm's error + floor:\n" + "\n".join(self.bad)
 
 
-def check_half_precision(name, precision, backend, train, real_widths=False, device="cpu", batch=4, size=64):
+def check_half_precision(name, precision, backend, train, config=None, device="cpu", batch=4, size=64):
+    """``config``: timm's keyword arguments for the model, by default the stage widths cut (``SMALL``)."""
     dtype, autocast = PRECISIONS[precision]
-    exact, theirs, ours = _models(name, dtype, backend, real_widths, device)
+    if config is None:
+        config = SMALL_V2 if name.startswith("resnetv2") else SMALL
+    exact, theirs, ours = _models(name, dtype, backend, config, device)
     if device == "cuda":
         theirs, ours = (m.to(memory_format=torch.channels_last) for m in (theirs, ours))
     x = randn(batch, 3, size, size, device=device, seed=1)
@@ -186,6 +189,16 @@ def test_timm_model_in_half_precision_within_2x_of_timm(name, precision, backend
     check_half_precision(name, precision, backend, train)
 
 
+@pytest.mark.triton
+@pytest.mark.skipif("triton" not in backends_on("cpu"), reason="needs triton's interpreter (TRITON_INTERPRET=1)")
+def test_resnet18_training_step_in_fp16_on_the_triton_interpreter():
+    """The Triton BN kernels (bn_act fp16, forward and backward) through a whole timm model: a training step runs
+    them after ATen's convs. One block per stage and half the widths, at 32 px: the interpreter takes 13 s even so
+    (eval, where the Triton conv runs too, 30 s: left to the GPU variants)."""
+    config = {"channels": (8, 16, 32, 64), "stem_width": 8, "layers": (1, 1, 1, 1)}
+    check_half_precision("resnet18", "fp16", "triton", True, config=config, size=32)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -197,4 +210,4 @@ def test_timm_model_at_real_widths_on_gpu(name, backend, precision, train):
         reason = resfuse.ops.backend.unavailable_reason(backend, torch.device("cuda"))
         if reason is not None:
             pytest.skip(reason)
-    check_half_precision(name, precision, backend, train, real_widths=True, device="cuda", batch=8, size=128)
+    check_half_precision(name, precision, backend, train, config={}, device="cuda", batch=8, size=128)
