@@ -6,6 +6,7 @@ downsample, attention, aa, cardinality, width multiplier) with its stage widths 
 code paths at a cost two shared CPU cores can pay. 64 px inputs: at 32 px the last stage's BN sees 2 values per
 channel, whose training gradient is so ill-conditioned that float64's rounding alone moves it by 1e-6.
 """
+import collections
 import copy
 import re
 import warnings
@@ -32,24 +33,29 @@ MODELS = ["resnet18", "resnet50d", "resnet26t", "seresnext26d_32x4d", "ecaresnet
           "resnetblur50", "wide_resnet50_2", "resnetv2_50"]
 SMALL = {"channels": (16, 32, 64, 128), "stem_width": 16}
 SMALL_V2 = {"channels": (64, 128, 256, 512), "stem_chs": 16}
-# what runs as modules inside the fused blocks, as the report says
-REPORTED_MODULES = {"seresnext26d_32x4d": "8 x attention SEModule", "ecaresnet26t": "8 x attention EcaModule",
-                    "resnetrs50": "16 x attention SEModule", "resnetblur50": "x aa BlurPool2d"}
+# what runs as modules inside the fused blocks, and what runs in their fused tails, as the report says
+REPORTED_MODULES = {"resnetblur50": "x aa BlurPool2d"}
+REPORTED_TAILS = {"seresnext26d_32x4d": "fused into the block tails: 8 x attention SEModule",
+                  "ecaresnet26t": "fused into the block tails: 8 x attention EcaModule",
+                  "resnetrs50": "fused into the block tails: 16 x attention SEModule"}
 TIMM_BLOCKS = (timm_resnet.BasicBlock, timm_resnet.Bottleneck, timm_resnetv2.PreActBasic,
                timm_resnetv2.PreActBottleneck, timm_resnetv2.Bottleneck)
 
 
 class CountFusedOps(TorchDispatchMode):
-    """Counts the forward resfuse ops a call runs (backward ops are private: ``resfuse::_...``)."""
+    """Counts the forward resfuse ops a call runs (backward ops are private: ``resfuse::_...``), in all and by
+    name (``by_name["bn_squeeze"]``)."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.by_name = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
         if name.startswith("resfuse::") and not name.startswith("resfuse::_"):
             self.count += 1
+            self.by_name[name[len("resfuse::"):]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -76,10 +82,21 @@ def timm_blocks(model):
     return [m for m in model.modules() if isinstance(m, TIMM_BLOCKS)]
 
 
+def tail_blocks(model):
+    """The blocks whose end runs the fused tail (resfuse/nn/timm_tail.py) in the model's mode: those with SE /
+    ECA attention, and in training those whose drop_path drops."""
+    return [b for b in timm_blocks(model)
+            if isinstance(b, (timm_resnet.BasicBlock, timm_resnet.Bottleneck, timm_resnetv2.Bottleneck))
+            and (getattr(b, "se", None) is not None
+                 or (model.training and type(b.drop_path).__name__ == "DropPath" and b.drop_path.drop_prob > 0))]
+
+
 def expected_fused_ops(model):
     """One fused op per BN that follows a conv (resnet), plus the stem's; resnetv2's pre-activation blocks: the
     conv -> norm pairs, the last conv + shortcut, norm1 (bn_act in training, bn_eval_act in eval), and the
-    stem's conv -> norm pairs; resnetv2's Bottleneck: its conv -> norm pairs and its shortcut's."""
+    stem's conv -> norm pairs; resnetv2's Bottleneck: its conv -> norm pairs and its shortcut's. A fused tail
+    is one op in eval (bn_scale_act) and two in training (bn_squeeze, bn_scale_act)."""
+    tails = len(tail_blocks(model)) if model.training else 0
     if isinstance(model, timm_resnetv2.ResNetV2):
         count = sum(type(m).__name__ == "BatchNormAct2d" for m in model.stem.children())  # deep stems' pairs
         for b in timm_blocks(model):
@@ -90,8 +107,16 @@ def expected_fused_ops(model):
             count += 1  # norm1
             # a drop_path that drops runs between the last conv and the add: that conv is then ATen's
             count -= model.training and type(b.drop_path).__name__ == "DropPath" and b.drop_path.drop_prob > 0
-        return count
-    return sum(type(m) is nn.BatchNorm2d for m in model.modules())
+        return count + tails
+    return sum(type(m) is nn.BatchNorm2d for m in model.modules()) + tails
+
+
+def assert_tails_fused(counter, model):
+    """Every block with attention (or, training, a drop_path that drops) ran the fused tail: a block that fell
+    back to timm's modules runs neither op."""
+    tails = len(tail_blocks(model))
+    assert counter.by_name["bn_scale_act"] == tails, (counter.by_name, tails)
+    assert counter.by_name["bn_squeeze"] == (tails if model.training else 0), (counter.by_name, tails)
 
 
 def assert_no_module_path_warning(caught):
@@ -155,10 +180,12 @@ def check_matches_timm(ref, fused, steps, seed=None):
         with torch.no_grad(), CountFusedOps() as counter:
             out = fused(x)
         assert counter.count == expected_fused_ops(fused)
+        assert_tails_fused(counter, fused)
         assert rel_err(out, ref(x)) < TOL
         with torch.no_grad(), CountFusedOps() as counter:
             fused.train()(x)
         assert counter.count == expected_fused_ops(fused)
+        assert_tails_fused(counter, fused)
         fused.load_state_dict(ref.state_dict())  # the counted call moved the running statistics
         compare_steps(ref, fused, x, steps, seed)
     assert_no_module_path_warning(caught)
@@ -173,6 +200,8 @@ def test_model_matches_timm_in_eval_and_two_sgd_steps(name):
     assert " left as" not in report, report
     assert ("run as modules" in report) == (name in REPORTED_MODULES), report
     assert REPORTED_MODULES.get(name, "") in report, report
+    assert ("block tails" in report) == (name in REPORTED_TAILS), report
+    assert REPORTED_TAILS.get(name, "") in report, report
     assert all(type(b) is not type(r) and isinstance(b, type(r)) for b, r in zip(timm_blocks(fused), blocks))
     check_matches_timm(ref, fused, steps=2)
 
@@ -182,13 +211,21 @@ def test_model_matches_timm_in_eval_and_two_sgd_steps(name):
     ("resnetv2_18", {"drop_path_rate": 0.1, "channels": (16, 32, 64, 128)}),
     # resnetv2's Bottleneck: conv -> BatchNormAct2d pairs, ReLU after the add
     ("resnetv2_50", {"preact": False, "layers": (1, 2, 1, 1)}),
+    ("resnetv2_50", {"preact": False, "layers": (1, 2, 1, 1), "drop_path_rate": 0.1}),
+    ("seresnext26d_32x4d", {"drop_path_rate": 0.1, "layers": (1, 1, 1, 1)}),
 ])
 def test_dropping_and_other_blocks_match_timm_over_two_sgd_steps(name, kwargs):
     """drop_path / drop_block draw their masks with torch's RNG in timm's order: seeded, the steps agree."""
     ref, fused, report = make_pair(name, **kwargs)
     assert " left as" not in report and f"{len(timm_blocks(ref))} blocks fused" in report, report
     if "drop_path_rate" in kwargs:
-        assert "drop_path in training" in report
+        # resnet's and resnetv2's Bottleneck apply it in the fused tail, the pre-activation blocks as a module
+        drops = sum(type(b.drop_path).__name__ == "DropPath" and b.drop_path.drop_prob > 0 for b in timm_blocks(ref))
+        if name == "resnetv2_18":
+            assert f"{drops} x drop_path in training" in report, report
+        else:
+            assert re.search(rf"fused into the block tails: [^;]*\b{drops} x drop_path(,|;|$)", report), report
+            assert "drop_path in training" not in report, report
     check_matches_timm(ref, fused, steps=2, seed=3)
 
 

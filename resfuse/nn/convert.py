@@ -12,7 +12,8 @@ these whose ``forward`` is the parent's. A subclass with its own forward compute
 know: it is left as it is, and the report says so. So is a timm block whose children the fused ops can never
 compute (GroupNorm, StdConv2d, an activation other than ReLU: their types, checked here), and every other
 residual block of a timm ResNet (SelectiveKernel, ResNeSt, Res2Net...). ``convert()`` ends with one
-``ConversionWarning`` saying what it fused, what runs as modules inside fused blocks, and what it left.
+``ConversionWarning`` saying what it fused, which SE / ECA / drop_path block ends it fused into the block tail
+(timm_tail.py), what runs as modules inside fused blocks, and what it left.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from ..ops.backend import requested_backend
 from .blocks import BasicBlock, Bottleneck
 from .eager_blocks import EagerBasicBlock, EagerBottleneck
 from .fused_resnet import BACKEND_ATTR, fused_model_class, is_fused_model
-from .timm_blocks import fused_block_class, fused_block_name, known_timm_block, modules_left_as_is, static_reason
+from .timm_blocks import (fused_block_class, fused_block_name, known_timm_block, modules_left_as_is, static_reason,
+                          tail_fused_parts)
 from .timm_resnet import (
     ConvNormActSequential,
     fusable_sequence,
@@ -81,6 +83,7 @@ class _Report:
         self.fused: collections.Counter = collections.Counter()
         self.left: collections.Counter = collections.Counter()
         self.as_modules: collections.Counter = collections.Counter()
+        self.in_tails: collections.Counter = collections.Counter()  # SE / ECA / drop_path in the fused tail
         self.stems_left: collections.Counter = collections.Counter()  # not blocks: strict=True lets them be
         self.stems = 0
         self.sequences = 0
@@ -95,6 +98,9 @@ class _Report:
         if self.sequences:
             parts.append(f"{self.sequences} stem Sequential{'s' if self.sequences != 1 else ''} fused")
         text = "resfuse.convert: " + ", ".join(parts)
+        if self.in_tails:
+            text += "; fused into the block tails: " + ", ".join(
+                f"{n} x {what}" for what, n in sorted(self.in_tails.items()))
         if self.as_modules:
             text += "; run as modules inside fused blocks: " + ", ".join(
                 f"{n} x {what}" for what, n in sorted(self.as_modules.items()))
@@ -184,6 +190,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, stem: bool = True, 
         report.fused[timm_name] += 1
         for what in modules_left_as_is(timm_name, module):
             report.as_modules[what] += 1
+        for what in tail_fused_parts(timm_name, module):
+            report.in_tails[what] += 1
     for block in stage_members:
         cls = type(block)
         if (fused_block_name(block) is None and known_timm_block(cls) is None and _known_block(cls) is None

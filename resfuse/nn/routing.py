@@ -256,6 +256,16 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
                            impl)
 
 
+def batch_stats_args(bn: nn.Module) -> tuple[float, Optional[Tensor], Optional[Tensor]]:
+    """(momentum, running_mean, running_var) for a fused op that normalises with batch statistics, for a norm
+    that ``uses_batch_stats``: what ``bn`` itself would update (None, None when it tracks nothing, or in eval
+    without running statistics) and the factor it would update them with (momentum None: a cumulative average),
+    its ``num_batches_tracked`` bumped as ``bn`` would bump it. Call it once per call of ``bn``."""
+    momentum = _train_momentum(bn)
+    keep_running = not bn.training or bn.track_running_stats
+    return momentum, (bn.running_mean if keep_running else None), (bn.running_var if keep_running else None)
+
+
 def fused_bn_act(y: Tensor, bn: nn.Module, residual: Optional[Tensor], relu: bool, route: Route) -> Tensor:
     """``act(bn(y) + residual)`` for a norm that ``uses_batch_stats`` (training mode), as one fused op that also
     updates the running statistics and the counter as ``bn`` would: the second half of a training-mode
@@ -263,10 +273,7 @@ def fused_bn_act(y: Tensor, bn: nn.Module, residual: Optional[Tensor], relu: boo
     if residual is not None and residual.dtype != y.dtype:
         residual = residual.to(y.dtype)
     requested, impl = route
-    momentum = _train_momentum(bn)
-    keep_running = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if keep_running else None
-    running_var = bn.running_var if keep_running else None
+    momentum, running_mean, running_var = batch_stats_args(bn)
     group = sync_group(bn)
     if group is not None:
         return sync_bn_act(y, bn.weight, bn.bias, residual, running_mean, running_var, momentum, bn.eps, relu,

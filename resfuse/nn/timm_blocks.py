@@ -20,10 +20,15 @@ What runs fused, per block (every conv-norm-act triple is one fused op: ``fused_
   shortcut conv (on the pre-activated input, no norm) runs as it is.
 - resnetv2 Bottleneck (not pre-activated): conv-norm pairs fused, the last with the shortcut and act3.
 
+- the end of resnet's BasicBlock / Bottleneck and resnetv2's Bottleneck with SE / ECA attention (``se``) or a
+  ``drop_path`` that drops: conv, then BN, the attention's gate, drop_path's factor, the add and the ReLU as one
+  fused tail (``resfuse.ops.block_tail``; timm_tail.py says which attention layers and why).
+
 What still runs as modules inside a fused block, with exactly timm's numbers (``convert()``'s report counts
-these): the SE / ECA attention (``se``) and the add + ReLU after it; ``drop_path`` and ``drop_block`` while
-they drop anything (training with a rate > 0); ``aa``. A module that cannot change its input (``nn.Identity``,
-DropPath / DropBlock2d in eval or at rate 0, no hooks) is skipped, so the conv-norm-act around it fuses.
+these): attention layers the tail does not know (and the add + ReLU after them); a pre-activation block's
+``drop_path`` and ``drop_block`` while they drop anything (training with a rate > 0); ``aa``. A module that
+cannot change its input (``nn.Identity``, DropPath / DropBlock2d in eval or at rate 0, no hooks) is skipped, so
+the conv-norm-act around it fuses.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from .routing import (
     warn_module_path_once,
     warn_once,
 )
+from .timm_tail import attention_reason, drop_path_reason, fused_tail, tail_reason
 
 BACKEND_ATTR = "_resfuse_backend"
 Named = tuple[tuple[str, nn.Module], ...]
@@ -168,18 +174,50 @@ def static_reason(fused_name: str, block: nn.Module) -> Optional[str]:
     return None
 
 
+# the blocks whose end is ``_residual_tail``: conv, norm, [se,] drop_path, + shortcut, ReLU
+_TAIL_BLOCKS = ("TimmBasicBlock", "TimmBottleneck", "TimmV2Bottleneck")
+
+
+def _drops_in_training(module: Optional[nn.Module]) -> bool:
+    return module is not None and type(module) is not nn.Identity and bool(getattr(module, "drop_prob", 1.0))
+
+
+def _tail_fuses(fused_name: str, block: nn.Module) -> bool:
+    """Whether the block's SE / ECA / drop_path run in the fused tail (types only; hooks are a call's matter)."""
+    if fused_name not in _TAIL_BLOCKS:
+        return False
+    norm = block.norm3 if fused_name == "TimmV2Bottleneck" else None
+    if norm is not None and norm_act_relu(norm):
+        return False
+    return (attention_reason(getattr(block, "se", None), hooks=False) is None
+            and drop_path_reason(block.drop_path, hooks=False) is None)
+
+
+def tail_fused_parts(fused_name: str, block: nn.Module) -> list[str]:
+    """What of timm's block end runs inside the fused tail (resfuse/nn/timm_tail.py), for convert()'s report."""
+    if not _tail_fuses(fused_name, block):
+        return []
+    parts = []
+    se = getattr(block, "se", None)
+    if se is not None:
+        parts.append(f"attention {type(se).__name__}")
+    if _drops_in_training(block.drop_path):
+        parts.append("drop_path")
+    return parts
+
+
 def modules_left_as_is(fused_name: str, block: nn.Module) -> list[str]:
     """What runs as modules inside this block once fused, for convert()'s report (see the module docstring)."""
     notes = []
+    tail = _tail_fuses(fused_name, block)
     se = getattr(block, "se", None)
-    if se is not None:
+    if se is not None and not tail:
         notes.append(f"attention {type(se).__name__}")
     aa = getattr(block, "aa", None)
     if aa is not None and type(aa) is not nn.Identity:
         notes.append(f"aa {type(aa).__name__}")
     for name in ("drop_path", "drop_block"):
-        module = getattr(block, name, None)
-        if module is not None and type(module) is not nn.Identity and getattr(module, "drop_prob", 1.0):
+        if _drops_in_training(getattr(block, name, None)) and not (name == "drop_path" and tail):
             notes.append(f"{name} in training")
     return notes
 
@@ -261,15 +299,26 @@ def _conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, drop_block: Optional
 
 def _residual_tail(block: nn.Module, x: Tensor, conv: nn.Conv2d, bn: nn.Module, bn_relu: bool, block_input: Tensor,
                    route: Route, shortcut: Optional[Tensor] = None) -> Tensor:
-    """relu(drop_path(se(bn(conv(x)))) + shortcut) in timm's order: attention, drop_path, then the shortcut
-    (made here from ``block_input`` unless given). One fused op when the block has no attention, drop_path
-    passes through and bn has no activation of its own; otherwise conv-norm fused, the rest as timm runs it."""
+    """relu(drop_path(se(bn(conv(x)))) + shortcut), the shortcut made here from ``block_input`` unless given.
+    One fused op when the block has no attention, drop_path passes through and bn has no activation of its own;
+    else ATen's conv and the fused tail (timm_tail.py) when it accepts the parts; otherwise conv-norm fused and
+    the rest as timm runs it (attention, drop_path, then the shortcut), after one warning."""
     x = run_forward_pre_hooks(conv, x)
     se, drop_path = getattr(block, "se", None), block.drop_path
-    if se is None and not bn_relu and passes_through(drop_path):
-        if shortcut is None:
-            shortcut = _shortcut(block, block_input, route)
-        return fused_conv_bn_act(x, conv, bn, shortcut, True, route)
+    if se is None and passes_through(drop_path):
+        if not bn_relu:
+            if shortcut is None:
+                shortcut = _shortcut(block, block_input, route)
+            return fused_conv_bn_act(x, conv, bn, shortcut, True, route)
+    else:
+        reason = tail_reason(se, drop_path, bn, bn_relu)
+        if reason is None:
+            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            if shortcut is None:
+                shortcut = _shortcut(block, block_input, route)
+            return fused_tail(y, bn, se, drop_path, shortcut, route)
+        warn_once(f"resfuse: the tail of {type(block).__name__} (attention, drop_path, add, ReLU) runs as timm's "
+                  f"modules ({reason})")
     out = fused_conv_bn_act(x, conv, bn, None, bn_relu, route)
     if se is not None:
         out = se(out)
