@@ -448,6 +448,24 @@ def test_timm_models_in_the_models_bench():
         assert cases.rel_err(runner.step(), problem.reference64()) <= problem.accuracy_limit()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
+def test_timm_se_model_counts_its_fused_tails_and_its_record_leaves_no_block():
+    """seresnext26d_32x4d: every block ends in the fused SE tail, so the byte model counts each last conv without
+    the residual and the tail's passes on its output; convert() fuses all 8 blocks and their SE tails."""
+    problem = cases.make_problem("model", "timm:seresnext26d_32x4d", "train", 2, "cpu", "fp32", resolution=32)
+    count = counting.count_model(problem.master, 32)
+    assert [(t.channels, t.size, t.drop_path) for t in count.tails] == \
+        [(c, s, False) for c, s in ((256, 8), (512, 4), (1024, 2), (2048, 1)) for _ in range(2)]
+    assert not any(c.residual for c in count.convs)
+    tails = sum(counting.block_tail_bytes(shapes.ActShape(0, t.channels, t.size), 2, 4, True) for t in count.tails)
+    assert problem.bytes == counting.ModelCount(count.convs, count.fc).bytes(2, 4, True) + tails > tails > 0
+    if HAS_EXTENSION_OPS:
+        runner = cases.make_runner(problem, "resfuse_cuda")
+        assert runner.converted.startswith("resfuse.convert: 8 blocks fused"), runner.converted
+        assert " left as" not in runner.converted and "run as modules" not in runner.converted, runner.converted
+        assert "fused into the block tails: 8 x attention SEModule" in runner.converted, runner.converted
+
+
 def test_round_robin_interleaves_the_providers():
     """Each provider's repetitions are split into rounds; round r starts one provider later; every provider
     gets at least the repetitions it asked for, and its own median."""

@@ -15,12 +15,14 @@ Bytes: the least memory traffic of the fused ops, each reading its inputs once a
   reads x and the residual and writes out, its backward reads the output gradient, x and out (the ReLU mask)
   and writes the gradients of x and of the residual. Its nominal FLOPs are ``7`` per element forward and ``10``
   backward (statistics, normalise and affine, add, ReLU; then two reductions and the input gradient).
+- a block with SE / ECA attention (or a drop_path that drops) in a whole model: its last conv writes y (no
+  residual), then the fused tail's passes over y-sized tensors (``TAIL_PASSES``, ``block_tail_bytes``).
 
 Per-channel vectors (BN parameters, running statistics, folded bias) are left out: they are a few kB.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from .shapes import ActShape, BlockShape
@@ -131,10 +133,21 @@ def bn_act_bytes(shape: ActShape, n: int, itemsize: int, train: bool, residual: 
     return tensors * numel * itemsize
 
 
+@dataclass(frozen=True)
+class Tail:
+    """A block end that runs the fused SE / ECA / drop_path tail on its last conv's output (``block_tail_bytes``);
+    that conv is then counted without the residual, which the tail reads."""
+
+    channels: int
+    size: int
+    drop_path: bool = False
+
+
 @dataclass
 class ModelCount:
     convs: list
     fc: Optional[tuple[int, int]]  # (in_features, out_features)
+    tails: list = field(default_factory=list)
 
     def flops(self, n: int, train: bool) -> int:
         fc = 2 * n * self.fc[0] * self.fc[1] if self.fc else 0
@@ -145,11 +158,15 @@ class ModelCount:
         if self.fc:
             i, o = self.fc
             fc = (n * i + i * o + n * o) * (3 if train else 1) * itemsize
-        return convs_bytes(self.convs, n, itemsize, train) + fc
+        tails = sum(block_tail_bytes(ActShape(0, t.channels, t.size), n, itemsize, train, t.drop_path)
+                    for t in self.tails)
+        return convs_bytes(self.convs, n, itemsize, train) + fc + tails
 
 
 def count_model(model, resolution: int) -> ModelCount:
-    """The convolutions (and classifier) of a model, found by running it once on the meta device."""
+    """The convolutions (and classifier) of a model, found by running it once on the meta device, and the
+    blocks whose end is the fused SE / ECA / drop_path tail: those with attention (``se``) or a DropPath that
+    drops, as resfuse.convert() fuses them (resfuse/nn/timm_tail.py)."""
     import copy
 
     import torch
@@ -158,18 +175,29 @@ def count_model(model, resolution: int) -> ModelCount:
     meta = copy.deepcopy(model).to("meta")
     convs: list[Conv] = []
     fc: list[tuple[int, int]] = []
+    tails: list[Tail] = []
     last_conv_of_block: set[int] = set()
+    tail_of_conv: dict[int, bool] = {}  # id(last conv) -> whether its block's drop_path drops
     for module in meta.modules():
         # the conv whose output receives the shortcut: the last conv of a torchvision-style block
         if type(module).__name__ in ("BasicBlock", "Bottleneck"):
             last = getattr(module, "conv3", None) or getattr(module, "conv2", None)
-            if last is not None:
+            if last is None:
+                continue
+            drop_path = getattr(module, "drop_path", None)
+            drops = type(drop_path).__name__ == "DropPath" and drop_path.drop_prob > 0
+            if getattr(module, "se", None) is not None or drops:
+                tail_of_conv[id(last)] = drops
+            else:
                 last_conv_of_block.add(id(last))
 
     def on_conv(module, args, _output):
         (x,) = args[:1]
-        convs.append(Conv(module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
-                          x.shape[-1], module.groups, residual=id(module) in last_conv_of_block))
+        conv = Conv(module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0], x.shape[-1],
+                    module.groups, residual=id(module) in last_conv_of_block)
+        convs.append(conv)
+        if id(module) in tail_of_conv:
+            tails.append(Tail(conv.c_out, conv.out_size, tail_of_conv[id(module)]))
 
     def on_linear(module, _args, _output):
         fc.append((module.in_features, module.out_features))
@@ -186,7 +214,7 @@ def count_model(model, resolution: int) -> ModelCount:
     finally:
         for h in hooks:
             h.remove()
-    return ModelCount(convs, fc[-1] if fc else None)
+    return ModelCount(convs, fc[-1] if fc else None, tails)
 
 
 # Passes over an activation-sized tensor (each read or write of one counts once) from a block's conv3 output y
