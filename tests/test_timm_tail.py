@@ -196,3 +196,27 @@ def test_other_backends(backend, train):
     convert_with_report(fused, backend=backend)
     assert_matches(ref, fused, train, steps=1)
     assert tail_ops(fused, train) == ((0, 0) if backend == "reference" else ((1, 1) if train else (0, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("train", [False, True])
+def test_autocast_within_twice_timm_error(dtype, train):
+    """Under CPU autocast the conv before the tail runs in autocast's dtype, as timm's does; the output against
+    timm's float64 one is within twice timm's own error at that dtype (a drop_path drawn in that dtype too)."""
+    ref64, _, _ = make_block("se", drop_prob=0.3)
+    ref = copy.deepcopy(ref64).float()
+    fused = copy.deepcopy(ref)
+    convert_with_report(fused)
+    x = randn(4, 12, 16, 16, dtype=torch.float32, seed=1)
+    outs = []
+    for model in (ref, fused):
+        model.train(train)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=dtype), CountFusedOps() as counter:
+            outs.append(model(x))
+    assert counter.by_name["bn_squeeze"] == train and counter.by_name["bn_scale_act"] == 1, counter.by_name
+    torch.manual_seed(3)
+    expected = ref64.train(train)(x.double())
+    assert outs[1].dtype == outs[0].dtype
+    err, timm_err = rel_err(outs[1].double(), expected), rel_err(outs[0].double(), expected)
+    assert err <= 2 * timm_err + 1e-3, (err, timm_err)
