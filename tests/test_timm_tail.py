@@ -220,3 +220,43 @@ def test_autocast_within_twice_timm_error(dtype, train):
     assert outs[1].dtype == outs[0].dtype
     err, timm_err = rel_err(outs[1].double(), expected), rel_err(outs[0].double(), expected)
     assert err <= 2 * timm_err + 1e-3, (err, timm_err)
+
+
+def make_preact(seed=0):
+    torch.manual_seed(seed)
+    ref = timm_resnetv2.PreActBottleneck(16, 16, conv_layer=timm.layers.create_conv2d,
+                                         norm_layer=timm.layers.BatchNormAct2d, drop_path_rate=0.3)
+    ref = randomize_bn_(ref.to(torch.float64), seed)
+    fused = copy.deepcopy(ref)
+    return ref, fused, convert_with_report(fused)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_pre_activation_drop_path_is_one_tail_pass(train):
+    """resnetv2's pre-activation block: drop_path(conv3(x)) + shortcut is ATen's conv and one bn_scale_act pass
+    (no BN, no ReLU) while drop_path drops, timm's mask drawn; in eval conv3 + shortcut is one conv_bn_act."""
+    ref, fused, report = make_preact()
+    assert "fused into the block tails: 1 x drop_path" in report and "run as modules" not in report, report
+    x = randn(2, 16, 8, 8, dtype=torch.float64, seed=1)
+    assert not caught_warnings(lambda: assert_matches(ref, fused, train, x=x))
+    assert tail_ops(fused, train, x) == ((0, 1) if train else (0, 0))
+
+
+def test_pre_activation_drop_path_under_autocast_keeps_timm_dtype():
+    """Under autocast the conv output is bf16 and an identity shortcut float32: timm's add promotes to float32,
+    which the tail cannot return, so drop_path runs as timm's module, with one warning."""
+    ref, fused, _ = make_preact()
+    ref, fused = ref.float().train(), fused.float().train()
+    x = randn(2, 16, 8, 8, dtype=torch.float32, seed=1)
+    outs = []
+
+    def both():
+        for model in (ref, fused):
+            torch.manual_seed(3)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(model(x))
+    messages = caught_warnings(both)
+    assert messages == ["resfuse: the drop_path of TimmPreActBottleneck runs as timm's module (a torch.float32 "
+                        "shortcut added to a torch.bfloat16 conv output)"], messages
+    assert outs[1].dtype == outs[0].dtype == torch.float32
+    assert rel_err(outs[1], outs[0]) < 2e-2

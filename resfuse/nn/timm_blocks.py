@@ -22,11 +22,12 @@ What runs fused, per block (every conv-norm-act triple is one fused op: ``fused_
 
 - the end of resnet's BasicBlock / Bottleneck and resnetv2's Bottleneck with SE / ECA attention (``se``) or a
   ``drop_path`` that drops: conv, then BN, the attention's gate, drop_path's factor, the add and the ReLU as one
-  fused tail (``resfuse.ops.block_tail``; timm_tail.py says which attention layers and why).
+  fused tail (``resfuse.ops.block_tail``; timm_tail.py says which attention layers and why). A pre-activation
+  block's drop_path, while it drops: ATen's last conv, then y * keep + shortcut in one block_tail pass.
 
 What still runs as modules inside a fused block, with exactly timm's numbers (``convert()``'s report counts
-these): attention layers the tail does not know (and the add + ReLU after them); a pre-activation block's
-``drop_path`` and ``drop_block`` while they drop anything (training with a rate > 0); ``aa``. A module that
+these): attention layers the tail does not know (and the add + ReLU after them); ``drop_block`` while it
+drops anything (training with a rate > 0); ``aa``. A module that
 cannot change its input (``nn.Identity``, DropPath / DropBlock2d in eval or at rate 0, no hooks) is skipped, so
 the conv-norm-act around it fuses.
 """
@@ -58,7 +59,8 @@ from .routing import (
     warn_module_path_once,
     warn_once,
 )
-from .timm_tail import attention_reason, drop_path_reason, fused_tail, tail_reason
+from .timm_tail import (attention_reason, drop_path_reason, fused_tail, preact_drop_path_tail, preact_tail_reason,
+                        tail_reason)
 
 BACKEND_ATTR = "_resfuse_backend"
 Named = tuple[tuple[str, nn.Module], ...]
@@ -174,8 +176,9 @@ def static_reason(fused_name: str, block: nn.Module) -> Optional[str]:
     return None
 
 
-# the blocks whose end is ``_residual_tail``: conv, norm, [se,] drop_path, + shortcut, ReLU
-_TAIL_BLOCKS = ("TimmBasicBlock", "TimmBottleneck", "TimmV2Bottleneck")
+# the blocks whose end is ``_residual_tail``: conv, norm, [se,] drop_path, + shortcut, ReLU; and the
+# pre-activation blocks, whose end is conv, drop_path, + shortcut (preact_drop_path_tail)
+_TAIL_BLOCKS = ("TimmBasicBlock", "TimmBottleneck", "TimmV2Bottleneck", "TimmPreActBasic", "TimmPreActBottleneck")
 
 
 def _drops_in_training(module: Optional[nn.Module]) -> bool:
@@ -377,6 +380,10 @@ def _preact_forward(block: nn.Module, x: Tensor, fused_name: str, pairs: tuple[t
     if passes_through(drop_path):
         return fused_conv_act(out, conv, shortcut, False, route)
     out = F.conv2d(out, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    reason = preact_tail_reason(out, drop_path, shortcut)
+    if reason is None:
+        return preact_drop_path_tail(out, drop_path, shortcut, route)
+    warn_once(f"resfuse: the drop_path of {type(block).__name__} runs as timm's module ({reason})")
     return drop_path(out) + shortcut
 
 

@@ -28,6 +28,10 @@ bn_scale_act pass (BN, the gate's factor, the shortcut, ReLU). Folding BN into t
 the conv's epilogue would save no pass over the activation (the mean reads y once either way), and the conv
 here is ATen's, whose epilogue cannot be reached.
 
+resnetv2's pre-activation blocks end with ``drop_path(conv(x)) + shortcut``, no norm and no activation: while
+drop_path drops, ``preact_drop_path_tail`` runs ATen's conv then block_tail without BN (one pass: y * keep +
+shortcut) instead of timm's multiplication and addition.
+
 Whatever the tail cannot honour in a call (another attention module, a hook, a synchronising SyncBatchNorm) takes
 the block's earlier path: its conv and BN fused, the rest run as timm's modules, after one warning naming why;
 convert()'s report names the attention types it cannot fuse.
@@ -133,6 +137,19 @@ def _keep(drop_path: Optional[nn.Module], y: Tensor) -> Optional[Tensor]:
     if drop_path is None or type(drop_path) is nn.Identity:
         return None
     return drop_path_mask(y, drop_path.drop_prob, drop_path.training, drop_path.scale_by_keep)
+
+
+def preact_tail_reason(y: Tensor, drop_path: nn.Module, shortcut: Tensor) -> Optional[str]:
+    """Why ``drop_path(y) + shortcut`` cannot run as ``preact_drop_path_tail`` in this call, or None."""
+    if shortcut.dtype != y.dtype:
+        # under autocast timm's out-of-place add promotes the sum to the wider dtype; block_tail returns y's
+        return f"a {shortcut.dtype} shortcut added to a {y.dtype} conv output"
+    return drop_path_reason(drop_path)
+
+
+def preact_drop_path_tail(y: Tensor, drop_path: nn.Module, shortcut: Tensor, route: Route) -> Tensor:
+    """``drop_path(y) + shortcut`` through block_tail without BN or ReLU: one pass, y * keep[n] + shortcut."""
+    return block_tail(y, shortcut, training=False, keep=_keep(drop_path, y), relu=False, backend=route[1])
 
 
 def fused_tail(y: Tensor, bn: nn.Module, se: Optional[nn.Module], drop_path: Optional[nn.Module],
