@@ -170,6 +170,16 @@ def test_no_measurement_keeps_the_cpu_kernels(scripted_auto_timer, monkeypatch, 
     assert runs == [] and impls == ["cuda"] and ops.auto_choices() == []
 
 
+def test_torch_jit_trace_measures_nothing(scripted_auto_timer):
+    """A trace records every op run on its input: a measurement's calls would become part of the graph."""
+    _, runs = scripted_auto_timer
+    block = resfuse.BasicBlock(4, 4).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(block, randn(2, 4, 5, 5), check_trace=False)  # the check runs the block
+        assert runs == [] and ops.auto_choices() == []
+        torch.testing.assert_close(traced(randn(2, 4, 5, 5, seed=1)), block(randn(2, 4, 5, 5, seed=1)))
+
+
 def test_the_triton_interpreter_is_never_a_cpu_candidate(scripted_auto_timer):
     ms, runs = scripted_auto_timer
     ms.update(cuda=2.0, eager=1.0, triton=0.5)

@@ -19,7 +19,7 @@ counts. Measuring on a GPU synchronises the host, once per configuration, like T
 up before capturing it in a CUDA graph. Capturing a call whose configuration was never measured is an error
 that says so, never a measurement recorded into the graph.
 Nothing is measured, and the fixed rules of ``backend.py`` apply (the C++ kernels on CPU), while torch.compile
-traces and with ``RESFUSE_AUTO_MEASURE=0``; a choice measured before is still taken.
+or torch.jit.trace traces and with ``RESFUSE_AUTO_MEASURE=0``; a choice measured before is still taken.
 An implementation that raises while measured is not chosen, with one warning naming it and the error.
 
 A configuration is what changes the choice: device, dtype, layout, the channel and spatial sizes, options, and
@@ -88,7 +88,9 @@ def measuring_enabled(device: torch.device) -> bool:
         return False
     if not device_measurable(device):
         return False
-    return not torch.compiler.is_compiling()
+    # A trace (torch.compile, torch.export; torch.jit.trace and the ONNX exporter built on it) would record the
+    # measurement's calls into the graph: it gets the fixed rule.
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def device_measurable(device: torch.device) -> bool:
