@@ -8,8 +8,8 @@ without measuring. The implementations (``implementations``):
   applies), the ``cuda`` backend's conv, the ``triton`` backend's conv; ``bn_act`` and ``bn_eval_act``: the
   ``cuda`` and ``triton`` backends' kernels;
 - on CPU, for each op: the C++ kernels (the ``cuda`` backend) and ``eager``, the very ops an unconverted model
-  runs for that step (``eager.py``: F.batch_norm, the add, the ReLU; F.conv2d), so ``auto`` is never slower than
-  eager PyTorch by more than the measurement's noise, and where eager's ops win the numbers are eager's;
+  runs for that step (``eager.py``: F.batch_norm, the add, the ReLU; F.conv2d): where they measure faster
+  ``auto`` runs them, and the numbers are eager's (a measurement on a busy CPU can pick the slower one);
 - training ``bn_act`` is timed forward + backward (on copies of the running statistics: measuring updates
   nothing); the eval ops forward.
 
