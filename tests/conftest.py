@@ -1,7 +1,11 @@
-"""Shared test setup: device markers and the Triton interpreter switch.
+"""Shared test setup: device markers, the Triton interpreter switch, and ``auto`` without measuring.
 
 Without a GPU the Triton kernels run under the interpreter, which triton reads when a kernel is decorated,
 so the variable is set here, before anything imports resfuse.triton_kernels.
+``backend="auto"`` measures its implementations on CPU too (resfuse/ops/autoselect.py): a test that counts which
+ops a call ran would then depend on this machine's timings, and every first call would pay for a measurement.
+So the suite runs ``auto`` by its fixed rule (RESFUSE_AUTO_MEASURE=0); the tests of measuring (test_autoselect*)
+turn it back on for themselves.
 """
 import os
 
@@ -20,6 +24,7 @@ def _cuda_available() -> bool:
 HAS_CUDA = _cuda_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("RESFUSE_AUTO_MEASURE", "0")
 
 
 def _triton_available() -> bool:
@@ -47,3 +52,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if item.get_closest_marker("triton") is not None and not HAS_TRITON:
             item.add_marker(skip_triton)
+
+
+@pytest.fixture
+def scripted_auto_timer(monkeypatch):
+    """``auto`` measuring on, with its timer replaced: each measurement runs the candidate once (so each must
+    work) and returns ``ms[name]``. Yields (ms, names measured in order); every choice is forgotten around it."""
+    from resfuse.ops import autoselect
+
+    autoselect.clear_auto_choices()
+    ms: dict = {}
+    runs: list = []
+    current: dict = {}
+    real_choose = autoselect.choose
+
+    def choose(key, candidates, device):  # remembers the candidates' names, which the timer only gets as calls
+        current.clear()
+        current.update(candidates)
+        return real_choose(key, candidates, device)
+
+    def fake_measure(call, device):
+        import torch
+
+        name = next(n for n, c in current.items() if c is call)
+        runs.append(name)
+        with torch.no_grad():
+            call()
+        return ms[name]
+
+    monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+    monkeypatch.setattr(autoselect, "_measure", fake_measure)
+    monkeypatch.setattr(autoselect, "choose", choose)
+    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
+    yield ms, runs
+    autoselect.clear_auto_choices()

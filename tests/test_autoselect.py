@@ -1,9 +1,11 @@
-"""``auto``'s measured choice per configuration (resfuse/ops/autoselect.py), on CPU.
+"""``auto``'s measured choice per configuration (resfuse/ops/autoselect.py), its GPU candidates on CPU stand-ins.
 
-On a GPU each candidate is timed with CUDA events. Here the device check is opened to CPU tensors and the timer
-is replaced by one that runs the candidate (so each must work) and returns a scripted time: the tests check which
-implementation is chosen, that it is measured once per configuration and then run, that measuring changes no
-state (running statistics), and when nothing is measured."""
+On a GPU each candidate is timed with CUDA events. Here CPU tensors are given the GPU's candidates (the ``cuda``
+and ``triton`` backends; the C++ kernels and the Triton interpreter stand in) and the timer is replaced by one
+that runs the candidate (so each must work) and returns a scripted time: the tests check which implementation is
+chosen, that it is measured once per configuration and then run, that measuring changes no state (running
+statistics), and when nothing is measured. CPU's own candidates (C++ kernels against eager): test_autoselect_cpu.py.
+"""
 import importlib
 
 import pytest
@@ -20,33 +22,10 @@ HAS_TRITON_CPU = "triton" in backend.available_backends("cpu")
 
 
 @pytest.fixture
-def measured(monkeypatch):
-    """Open measuring to CPU tensors; each measurement runs the candidate once and returns ``ms[name]``."""
-    autoselect.clear_auto_choices()
-    ms: dict = {}
-    runs: list = []
-
-    def fake_measure(call, device):
-        name = next(n for n, c in current.items() if c is call)
-        runs.append(name)
-        with torch.no_grad():
-            call()
-        return ms[name]
-
-    current: dict = {}
-    real_choose = autoselect.choose
-
-    def choose(key, candidates, device):
-        current.clear()
-        current.update(candidates)
-        return real_choose(key, candidates, device)
-
-    monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
-    monkeypatch.setattr(autoselect, "_measure", fake_measure)
-    monkeypatch.setattr(autoselect, "choose", choose)
-    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
-    yield ms, runs
-    autoselect.clear_auto_choices()
+def measured(monkeypatch, scripted_auto_timer):
+    """The GPU's candidates for CPU tensors, timed by conftest's scripted timer: (ms per name, names measured)."""
+    monkeypatch.setattr(autoselect, "implementations", lambda device: ("cuda", "triton"))
+    return scripted_auto_timer
 
 
 def test_choose_takes_the_fastest_once(measured):
@@ -83,21 +62,21 @@ def test_a_failing_candidate_is_not_chosen_and_says_so(measured):
     assert autoselect.cached(("op", 2)) == ""
 
 
-@pytest.mark.parametrize("why", ["env", "compiling", "cpu"])
+@pytest.mark.parametrize("why", ["env", "compiling", "other_device"])
 def test_nothing_is_measured_where_it_should_not_be(monkeypatch, why):
     autoselect.clear_auto_choices()
+    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)  # the suite's default (conftest.py) is off
     if why == "env":
         monkeypatch.setenv("RESFUSE_AUTO_MEASURE", "0")
-        monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
     elif why == "compiling":
-        monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
     def never():
         raise AssertionError("measured")
 
     monkeypatch.setattr(autoselect, "_measure", never)
-    assert autoselect.choose(("op",), {"a": lambda: None, "b": lambda: None}, torch.device("cpu")) is None
+    device = torch.device("meta" if why == "other_device" else "cpu")  # meta: a device type nothing measures on
+    assert autoselect.choose(("op",), {"a": lambda: None, "b": lambda: None}, device) is None
     assert ops.auto_choices() == []
 
 

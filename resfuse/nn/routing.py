@@ -242,8 +242,10 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optio
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if residual is not None and residual.dtype != y.dtype:
             residual = residual.to(y.dtype)
+        # auto may run eager's F.batch_norm instead (ops/eager.py): that is eager's math for nn.BatchNorm2d,
+        # not for FrozenBatchNorm2d (its own scale-and-shift), which keeps the fixed rule.
         return run_bn_eval_act(y, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var, bn.eps, relu,
-                               impl)
+                               impl, None if _is_frozen_bn(bn) else requested)
     weight, bias = _folded_weight(x, conv, bn, impl, amp_dtype)
     if amp_dtype is not None:
         x = x.to(amp_dtype)

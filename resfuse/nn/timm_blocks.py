@@ -371,7 +371,7 @@ def _preact_forward(block: nn.Module, x: Tensor, fused_name: str, pairs: tuple[t
         x_preact = norm1(x)  # the eval op is not autocast-aware: the module, with eager's casts
     else:
         x_preact = run_bn_eval_act(x, norm1.weight, norm1.bias, None, norm1.running_mean, norm1.running_var,
-                                   norm1.eps, norm_act_relu(norm1), route[1])
+                                   norm1.eps, norm_act_relu(norm1), route[1], route[0])
     shortcut = x if block.downsample is None else _shortcut(block, x_preact, route)
     out = _conv_norm_act_chain(block, x_preact, pairs, route)
     conv = getattr(block, last)

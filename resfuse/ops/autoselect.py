@@ -1,20 +1,25 @@
-"""What ``backend="auto"`` runs on a GPU: per configuration, the fastest implementation, measured once.
+"""What ``backend="auto"`` runs: per configuration, the fastest implementation, measured once.
 
 The first call of an op with a configuration it has not seen (device, dtype, layout, shapes, options) times
 every implementation that can take it and remembers the fastest; later calls with that configuration run it
-without measuring. The implementations:
+without measuring. The implementations (``implementations``):
 
-- eval ``conv_bn_act``: cuDNN's fused conv + bias (+ add) + ReLU (``cudnn_fused.py``, when it applies), the
-  ``cuda`` backend's conv, the ``triton`` backend's conv;
-- training ``bn_act``: the ``cuda`` and ``triton`` backends' kernels, timed forward + backward (on copies of
-  the running statistics: measuring updates nothing).
+- on a GPU, eval ``conv_bn_act``: cuDNN's fused conv + bias (+ add) + ReLU (``cudnn_fused.py``, when it
+  applies), the ``cuda`` backend's conv, the ``triton`` backend's conv; ``bn_act`` and ``bn_eval_act``: the
+  ``cuda`` and ``triton`` backends' kernels;
+- on CPU, for each op: the C++ kernels (the ``cuda`` backend) and ``eager``, the very ops an unconverted model
+  runs for that step (``eager.py``: F.batch_norm, the add, the ReLU; F.conv2d): where they measure faster
+  ``auto`` runs them, and the numbers are eager's (a measurement on a busy CPU can pick the slower one);
+- training ``bn_act`` is timed forward + backward (on copies of the running statistics: measuring updates
+  nothing); the eval ops forward.
 
 Each one is called once untimed (Triton's compilation and autotuning, cuDNN's algorithm search), then
-``REPEATS`` times between CUDA events; the median counts. Measuring synchronises the host, once per
-configuration, like Triton's autotuner: warm a model up before capturing it in a CUDA graph. Capturing a call
-whose configuration was never measured is an error that says so, never a measurement recorded into the graph.
-Nothing is measured, and the fixed rules of ``backend.py`` apply, where measuring should not happen: on CPU
-tensors, while torch.compile traces, and with ``RESFUSE_AUTO_MEASURE=0``.
+``REPEATS`` times, each between CUDA events on a GPU or two ``time.perf_counter`` reads on CPU; the median
+counts. Measuring on a GPU synchronises the host, once per configuration, like Triton's autotuner: warm a model
+up before capturing it in a CUDA graph. Capturing a call whose configuration was never measured is an error
+that says so, never a measurement recorded into the graph.
+Nothing is measured, and the fixed rules of ``backend.py`` apply (the C++ kernels on CPU), while torch.compile
+or torch.jit.trace traces and with ``RESFUSE_AUTO_MEASURE=0``; a choice measured before is still taken.
 An implementation that raises while measured is not chosen, with one warning naming it and the error.
 
 A configuration is what changes the choice: device, dtype, layout, the channel and spatial sizes, options, and
@@ -28,6 +33,7 @@ from __future__ import annotations
 import os
 import statistics
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,6 +41,8 @@ import torch
 from .._warn_once import warn_once
 
 REPEATS = 5
+# What auto measures per device type. On CPU the Triton interpreter is a test vehicle, never a candidate.
+_IMPLEMENTATIONS = {"cuda": ("cuda", "triton"), "cpu": ("cuda", "eager")}
 
 _choices: dict[tuple, str] = {}  # configuration -> the implementation chosen
 _timings: dict[tuple, dict[str, Any]] = {}  # configuration -> ms per implementation, or the error it raised
@@ -80,13 +88,21 @@ def measuring_enabled(device: torch.device) -> bool:
         return False
     if not device_measurable(device):
         return False
-    return not torch.compiler.is_compiling()
+    # A trace (torch.compile, torch.export; torch.jit.trace and the ONNX exporter built on it) would record the
+    # measurement's calls into the graph: it gets the fixed rule.
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def device_measurable(device: torch.device) -> bool:
-    """Whether ops on ``device`` choose by measuring: GPUs. On CPU tensors ``auto`` runs the C++ extension's
-    CPU kernels (or the reference); the Triton interpreter is a test vehicle, never a candidate."""
-    return device.type == "cuda"
+    """Whether ops on ``device`` choose by measuring: GPUs and CPUs."""
+    return device.type in _IMPLEMENTATIONS
+
+
+def implementations(device: torch.device) -> tuple[str, ...]:
+    """The implementations ``auto`` measures for ops on ``device`` (each op adds cuDNN's fused conv where it
+    applies and drops those that cannot run there): on GPUs the ``cuda`` and ``triton`` backends; on CPU the C++
+    kernels and ``eager``, eager PyTorch's own ops for the step (eager.py)."""
+    return _IMPLEMENTATIONS.get(device.type, ())
 
 
 def cached(key: tuple) -> Optional[str]:
@@ -128,9 +144,17 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Any]], device: torch.d
 
 
 def _measure(call: Callable[[], Any], device: torch.device) -> float:
-    """Median ms of ``call`` after one untimed call, each repetition between CUDA events."""
+    """Median ms of ``call`` after one untimed call: each repetition between CUDA events on a GPU, between two
+    wall-clock reads on CPU (its kernels finish before they return)."""
     with torch.no_grad():
         call()
+        if device.type != "cuda":
+            times = []
+            for _ in range(REPEATS):
+                start = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
         torch.cuda.synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(REPEATS)]

@@ -4,8 +4,9 @@
 
 Two registered flavours share one schema: ``resfuse::bn_act`` (C++: csrc/cpu, csrc/cuda) and
 ``resfuse::bn_act_triton`` (triton_kernels/bn_act.py). Their backward ops are ``resfuse::_bn_act_backward``
-and ``resfuse::_bn_act_backward_triton``. ``bn_act()`` below picks one by backend; ``auto`` on a GPU measures
-both once per configuration and runs the faster (``autoselect.py``).
+and ``resfuse::_bn_act_backward_triton``. ``bn_act()`` below picks one by backend; ``auto`` measures, once per
+configuration, both on a GPU, the C++ kernels against eager PyTorch's own ops on CPU (``eager.py``), and runs
+the faster (``autoselect.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .. import _loader
 from ..layout import memory_format_of, stats_dtype
 from ..reference import bn_act_ref
 from . import _autograd, autoselect
+from .eager import bn_act_eager, bn_act_eager_forward_backward
 from .backend import requested_backend, resolve_backend, unavailable_reason
 from .sync_bn_act import check_sync_args, group_size, sync_bn_act
 
@@ -139,6 +141,8 @@ def run_bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], resi
 def _run(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu, impl) -> Tensor:
     if impl == "reference":
         return bn_act_ref(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)[0]
+    if impl == "eager":
+        return bn_act_eager(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu)
     op = torch.ops.resfuse.bn_act if impl == "cuda" else torch.ops.resfuse.bn_act_triton
     return op(x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps), bool(relu))[0]
 
@@ -170,14 +174,18 @@ def _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum,
         copies = [None if t is None else t.clone() for t in (running_mean, running_var)]
         grad_out = autoselect.random_like(x)
     mask = [True, weight is not None, bias is not None, residual is not None]
+    args = (x, weight, bias, residual, *copies, float(momentum), float(eps), bool(relu))
 
     def forward_backward(forward, backward):
-        out, mean, invstd = forward(x, weight, bias, residual, *copies, float(momentum), float(eps), bool(relu))
+        out, mean, invstd = forward(*args)
         return backward(grad_out, x, weight, out, mean, invstd, bool(relu), mask)
 
     candidates = {}
-    for name, (forward, backward) in _OPS.items():
-        if unavailable_reason(name, x.device) is None:
+    for name in autoselect.implementations(x.device):
+        if name == "eager":
+            candidates[name] = functools.partial(bn_act_eager_forward_backward, *args, grad_out)
+        elif unavailable_reason(name, x.device) is None:
+            forward, backward = _OPS[name]
             candidates[name] = functools.partial(forward_backward, getattr(torch.ops.resfuse, forward),
                                                  getattr(torch.ops.resfuse, backward))
     return autoselect.choose(key, candidates, x.device)

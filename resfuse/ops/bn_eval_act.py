@@ -7,10 +7,13 @@ call makes a pass over the weights to fold BN into them (resfuse/nn/routing.py).
 Two registered flavours share one schema: ``resfuse::bn_eval_act`` (C++: csrc/cpu, csrc/cuda) and
 ``resfuse::bn_eval_act_triton`` (triton_kernels/bn_eval_act.py); their backward ops are
 ``resfuse::_bn_eval_act_backward`` and ``resfuse::_bn_eval_act_backward_triton``. The running statistics are
-buffers: read, never updated, never differentiated.
+buffers: read, never updated, never differentiated. ``auto`` measures, once per configuration, the forward of
+both on a GPU, of the C++ kernel and eager PyTorch's F.batch_norm + add + ReLU on CPU (``eager.py``), and runs
+the faster (``autoselect.py``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -19,9 +22,11 @@ from torch import Tensor
 from .. import _loader
 from ..layout import memory_format_of, stats_dtype
 from ..reference import bn_eval_act_ref
-from . import _autograd
+from . import _autograd, autoselect
+from ._autograd import grad_needed
 from ._checks import check_activation, check_channel_vector, check_like
-from .backend import requested_backend, resolve_backend
+from .backend import requested_backend, resolve_backend, unavailable_reason
+from .eager import bn_eval_act_eager
 
 _SCHEMA = ("(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor running_mean, "
            "Tensor running_var, float eps, bool relu) -> Tensor")
@@ -90,11 +95,11 @@ def bn_eval_act(
     backend: Optional[str] = None,
 ) -> Tensor:
     """BatchNorm in eval mode (normalised by ``running_mean`` / ``running_var``, which are required and left
-    unchanged), then ``+ residual`` and ReLU, in one fused op. ``backend="auto"`` takes resolve_backend's fixed
-    rule: nothing is measured."""
+    unchanged), then ``+ residual`` and ReLU, in one fused op."""
     _check_args(x, weight, bias, residual, running_mean, running_var)
-    return _run(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                resolve_backend(requested_backend(backend), x.device))
+    requested = requested_backend(backend)
+    return run_bn_eval_act(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                           resolve_backend(requested, x.device), requested)
 
 
 def _check_args(x, weight, bias, residual, running_mean, running_var) -> None:
@@ -109,10 +114,13 @@ def _check_args(x, weight, bias, residual, running_mean, running_var) -> None:
 
 
 def run_bn_eval_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                    running_mean: Tensor, running_var: Tensor, eps: float, relu: bool, impl: str) -> Tensor:
+                    running_mean: Tensor, running_var: Tensor, eps: float, relu: bool, impl: str,
+                    requested: Optional[str] = None) -> Tensor:
     """``bn_eval_act`` with the backend already resolved (cuda | triton | reference): the path of resfuse's
-    modules. The C++ op checks its arguments itself (csrc/bn_eval_act.h), so only the other backends' are
-    checked here."""
+    modules; under ``requested="auto"`` what was measured fastest for these arguments. The C++ op checks its
+    arguments itself (csrc/bn_eval_act.h), so only the other implementations' are checked here."""
+    if requested == "auto" and impl != "reference":
+        impl = _auto_choice(x, weight, bias, residual, running_mean, running_var, eps, relu) or impl
     if impl != "cuda":
         _check_args(x, weight, bias, residual, running_mean, running_var)
     return _run(x, weight, bias, residual, running_mean, running_var, eps, relu, impl)
@@ -121,5 +129,27 @@ def run_bn_eval_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 def _run(x, weight, bias, residual, running_mean, running_var, eps, relu, impl) -> Tensor:
     if impl == "reference":
         return bn_eval_act_ref(x, weight, bias, residual, running_mean, running_var, eps, relu)
+    if impl == "eager":
+        return bn_eval_act_eager(x, weight, bias, residual, running_mean, running_var, eps, relu)
     op = torch.ops.resfuse.bn_eval_act if impl == "cuda" else torch.ops.resfuse.bn_eval_act_triton
     return op(x, weight, bias, residual, running_mean, running_var, float(eps), bool(relu))
+
+
+def _auto_choice(x, weight, bias, residual, running_mean, running_var, eps, relu) -> Optional[str]:
+    """``auto``'s measured implementation for this configuration (autoselect.py), or None: not measured here.
+    Each candidate's forward is timed; the running statistics are only read."""
+    if not autoselect.device_measurable(x.device):
+        return None
+    key = ("bn_eval_act", x.device, x.dtype, memory_format_of(x), autoselect.batch_bucket(x.shape[0]),
+           tuple(x.shape[1:]), None if weight is None else weight.dtype, bias is not None, residual is not None,
+           running_mean.dtype, bool(relu), grad_needed(x, weight, bias, residual))
+    hit = autoselect.cached(key)
+    if hit is not None or not autoselect.measuring_enabled(x.device):
+        return hit
+    autoselect.check_not_capturing(x.device, f"bn_eval_act on {tuple(x.shape)} {x.dtype}")
+    _check_args(x, weight, bias, residual, running_mean, running_var)  # before any candidate runs
+    candidates = {name: functools.partial(_run, x, weight, bias, residual, running_mean, running_var, eps, relu,
+                                          name)
+                  for name in autoselect.implementations(x.device)
+                  if name == "eager" or unavailable_reason(name, x.device) is None}
+    return autoselect.choose(key, candidates, x.device)

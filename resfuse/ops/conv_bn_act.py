@@ -11,10 +11,10 @@ Flavours: ``resfuse::conv_bn_act`` (C++), ``resfuse::conv_bn_act_igemm`` and ``r
   Hopper convolution with the epilogue inside (one launch, csrc/cuda/conv_sm90.cu) wherever it takes the call,
   ATen's conv + the epilogue pass everywhere else; a kernel named by the variable runs, or raises why not.
 Backward (both): one fused pass for the ReLU mask and the bias gradient, then ATen's convolution backward.
-``backend="auto"`` on a GPU measures, once per configuration, cuDNN's fused conv + bias (+ add) + ReLU
-(``cudnn_fused.py``, when no gradient is needed), the ``cuda`` and the ``triton`` conv, and runs the fastest
-(``autoselect.py``); where it does not measure it tries cuDNN's fused op first, the fastest eval path measured
-on an H100.
+``backend="auto"`` measures, once per configuration, on a GPU cuDNN's fused conv + bias (+ add) + ReLU
+(``cudnn_fused.py``, when no gradient is needed), the ``cuda`` and the ``triton`` conv, on CPU the C++ op and
+eager PyTorch's F.conv2d + add + ReLU (``eager.py``), and runs the fastest (``autoselect.py``); where it does
+not measure it tries cuDNN's fused op first, the fastest eval path measured on an H100.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from . import _autograd, autoselect, cudnn_fused
 from ._autograd import grad_needed
 from ._checks import check_activation, check_channel_vector, check_matches
 from .backend import requested_backend, resolve_backend, unavailable_reason
+from .eager import conv_bn_act_eager
 
 _SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, Tensor? residual, SymInt[2] stride, SymInt[2] padding, "
            "SymInt[2] dilation, SymInt groups, bool relu) -> Tensor")
@@ -173,8 +174,8 @@ def _auto_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
     candidates = {}
     if cudnn_fused.unusable_reason(x, weight, bias, residual, relu) is None:
         candidates["cudnn_fused"] = functools.partial(_cudnn_fused_or_raise, *args[:-1])
-    for name in ("cuda", "triton"):
-        if unavailable_reason(name, x.device) is None:
+    for name in autoselect.implementations(x.device):
+        if name == "eager" or unavailable_reason(name, x.device) is None:
             candidates[name] = functools.partial(_run_impl, name, *args)
     return autoselect.choose(key, candidates, x.device)
 
@@ -190,5 +191,7 @@ def _run_impl(impl: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], resi
               stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool) -> Tensor:
     if impl == "reference":
         return conv_bn_act_ref(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    if impl == "eager":
+        return conv_bn_act_eager(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     op = torch.ops.resfuse.conv_bn_act_triton if impl == "triton" else torch.ops.resfuse.conv_bn_act
     return op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu))
