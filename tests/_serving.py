@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import randn, randomize_bn_, resfuse
+from resfuse.export.flavours import TRAINING_ONLY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -63,6 +64,19 @@ def resfuse_ops_run(fn, *args) -> int:
     with _Record(), torch.no_grad():
         fn(*args)
     return names.count("resfuse")
+
+
+def ops_left_out_of(table: dict) -> list[str]:
+    """The resfuse ops this build registers that a forward calls by name (all but the private ones, with a
+    leading underscore: backward ops, the fold, synchronised BN's pieces) and that ``table`` (an export route's
+    ``{op overload: function}``) leaves out, other than the training-only ones (resfuse/export/flavours.py)."""
+    registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("resfuse::")}
+    # with or without the C++ extension: the Triton flavours are always registered
+    assert {"resfuse::bn_scale_act_triton", "resfuse::bn_squeeze_triton"} <= registered
+    given = {overload.name() for overload in table}
+    training_only = {f"resfuse::{name}" for names in TRAINING_ONLY.values() for name in names}
+    assert not given & training_only, "a training-only op has a function"
+    return sorted(name for name in registered - given - training_only if not name.startswith("resfuse::_"))
 
 
 def serve(snippet: str, x: torch.Tensor, cwd: pathlib.Path) -> subprocess.CompletedProcess:
@@ -116,6 +130,18 @@ class FoldedConv(nn.Module):
         return torch.nn.functional.conv2d(x, weight, bias, padding=1)
 
 
+class ScaleAct(nn.Module):
+    """resfuse.ops.bn_scale_act called directly with every argument given (with ReLU), to choose their dtypes."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x, mean, invstd, weight, bias, scale, residual):
+        return resfuse.ops.bn_scale_act(x, weight, bias, mean, invstd, scale, residual, relu=True,
+                                        backend=self.backend)
+
+
 class Fold(FoldedConv):
     """(W', b') themselves, to see their dtype and strides."""
 
@@ -131,3 +157,71 @@ def conv_and_bn(conv_bias, affine):
         if conv_bias:
             conv.bias.copy_(randn(6, seed=11))
     return conv, randomize_bn_(nn.BatchNorm2d(6, affine=affine, eps=1e-3)).eval()
+
+
+class SETail(nn.Module):
+    """conv -> resfuse.ops.block_tail, as a converted SE / ECA block ends: act(bn(conv(x)) * gate(squeeze)[n, c]
+    + shortcut(x)), with an SE-like gate in torch ops (1x1 convs on the [N, C] squeeze, ReLU, sigmoid). In eval
+    with running statistics that is one bn_scale_act call; with batch statistics (training mode, or
+    ``bn="batch"``: BN's rule) bn_squeeze then bn_scale_act. Which terms it has is chosen, to cover every
+    branch of the ops' routes:
+
+    - ``bn``: "running" (an affine BN with running statistics), "plain" (running statistics, no affine),
+      "batch" (affine, ``track_running_stats=False``) or "folded" (no BN: the conv carries it, so bn_scale_act
+      gets no mean, invstd, weight or bias);
+    - ``gate`` (the SE gate, else no scale), ``residual`` (a 1x1 conv shortcut, else none), ``relu``.
+
+    ``eager(x)`` computes the same function in torch ops, as timm's blocks do, for the routes to match. Input
+    3 channels (the README's serving snippets feed [N, 3, H, W])."""
+
+    def __init__(self, backend, bn="running", gate=True, residual=True, relu=True, channels=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(20)
+        self.conv = nn.Conv2d(3, channels, 3, padding=1, bias=bn == "folded")
+        self.shortcut = nn.Conv2d(3, channels, 1, bias=False) if residual else None
+        self.bn = None if bn == "folded" else nn.BatchNorm2d(channels, affine=bn != "plain", eps=1e-3,
+                                                            track_running_stats=bn != "batch")
+        self.fc1, self.fc2 = nn.Conv2d(channels, 4, 1), nn.Conv2d(4, channels, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+            if self.bn is not None:
+                randomize_bn_(self.bn)
+            if self.bn is not None and self.bn.running_var is not None:
+                # variances far from 1, so that invstd taken as a variance (or the other way round) is O(1) off
+                self.bn.running_var.copy_(torch.rand(channels, generator=g) * 4 + 0.1)
+        self.use_gate, self.relu, self.backend = gate, relu, backend
+
+    def gate(self, squeeze):
+        """The SE gate on the [N, C] squeeze: sigmoid(fc2(relu(fc1(squeeze)))), [N, C]."""
+        s = squeeze[:, :, None, None]
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))[:, :, 0, 0]
+
+    def forward(self, x):
+        bn = self.bn
+        stats = (None,) * 4 if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        batch_stats = bn is not None and (self.training or bn.running_mean is None)  # as BatchNorm2d decides
+        return resfuse.ops.block_tail(self.conv(x), None if self.shortcut is None else self.shortcut(x), *stats,
+                                      eps=1e-3, training=batch_stats, gate=self.gate if self.use_gate else None,
+                                      relu=self.relu, backend=self.backend)
+
+    def eager(self, x):
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y)
+        if self.use_gate:
+            y = y * self.gate(y.mean((2, 3)))[:, :, None, None]
+        if self.shortcut is not None:
+            y = y + self.shortcut(x)
+        return torch.relu(y) if self.relu else y
+
+
+class EagerTail(nn.Module):
+    """An SETail's torch-ops twin, as a module (what the README snippets' checks call ``eager``)."""
+
+    def __init__(self, tail):
+        super().__init__()
+        self.tail = tail
+
+    def forward(self, x):
+        return self.tail.eager(x)

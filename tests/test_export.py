@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from _helpers import randn, randomize_bn_, rel_err, resfuse
-from _serving import eager_and_converted, readme_snippet, resfuse_ops_run, run_snippet, serve
+from _serving import SETail, eager_and_converted, readme_snippet, resfuse_ops_run, run_snippet, serve
 
 TOL = 1e-5  # float32: ||route - eager|| / ||eager||
 
@@ -80,6 +80,26 @@ def test_trace_of_a_folding_route_at_1x1_feature_maps():
     assert "resfuse::_fold_bn_triton" in graph and "resfuse::conv_bn_act_triton" in graph
     with torch.no_grad():
         assert rel_err(traced(x), torch.relu(unit.bn(unit.conv(x)))) < TOL
+
+
+@pytest.mark.parametrize("backend, op", [("cuda", "bn_scale_act"), ("triton", "bn_scale_act_triton")])
+def test_trace_of_an_se_block_tail_records_bn_scale_act(backend, op, tmp_path):
+    # block_tail in eval: torch's mean and the gate's ops, then one bn_scale_act call (BN from the running
+    # statistics, the gate's scale, the shortcut, ReLU), which the saved and reloaded trace still calls
+    tail = SETail(backend).eval()
+    x = randn(2, 3, 8, 8, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit
+        traced = torch.jit.trace(tail, x)
+        torch.jit.save(traced, tmp_path / "tail.ts")
+        loaded = torch.jit.load(tmp_path / "tail.ts")
+    graph = str(loaded.inlined_graph)
+    assert graph.count("resfuse::") == 1 and f"resfuse::{op}(" in graph
+    with torch.no_grad():  # other batch sizes and another resolution than the trace saw
+        for shape in ((1, 3, 8, 8), (3, 3, 12, 10)):
+            xs = randn(*shape, seed=shape[0])
+            assert rel_err(loaded(xs), tail.eager(xs)) < TOL, shape
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")

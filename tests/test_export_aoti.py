@@ -15,8 +15,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import resfuse.export
 from _helpers import randn, randomize_bn_, rel_err, resfuse
-from _serving import (EvalBNAct, Fold, FoldedConv, conv_and_bn, eager_and_converted, readme_snippet,
-                      resfuse_op_count, run_snippet, serve)
+from _serving import (EagerTail, EvalBNAct, Fold, FoldedConv, ScaleAct, SETail, conv_and_bn, eager_and_converted,
+                      ops_left_out_of, readme_snippet, resfuse_op_count, run_snippet, serve)
 
 
 TOL = 1e-5  # float32: ||package - eager|| / ||eager||
@@ -42,6 +42,15 @@ class _SmallResNet(nn.Module):
 FUSED_OPS = 1 + 3 * 2 + 2 + 2 * 3 + 1
 
 
+def _build_packages(model, x, folder):
+    """Run the README's export snippets on ``model`` in ``folder``: both packages there; the exported program."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        ep = run_snippet(readme_snippet('package_path="model.pt2"'), model=model, x=x)["ep"]
+        run_snippet(readme_snippet('package_path="model_resfuse.pt2"'), model=model, x=x, ep=ep)
+    return ep
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The README's export snippets run on the small ResNet: (eager model, example input, folder with both
@@ -49,11 +58,7 @@ def exported(tmp_path_factory):
     eager, converted = eager_and_converted(_SmallResNet())
     folder = tmp_path_factory.mktemp("aoti")
     x = randn(2, 3, 32, 32, seed=1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        ep = run_snippet(readme_snippet('package_path="model.pt2"'), model=converted, x=x)["ep"]
-        run_snippet(readme_snippet('package_path="model_resfuse.pt2"'), model=converted, x=x, ep=ep)
-    return eager, x, folder, ep
+    return eager, x, folder, _build_packages(converted, x, folder)
 
 
 def _check_served(eager, folder):
@@ -159,6 +164,72 @@ def test_decompose_refuses_batch_statistics_with_a_clear_error():
     block = resfuse.BasicBlock(8, 8).train()
     ep = torch.export.export(block, (randn(2, 8, 6, 6, seed=8),))
     with pytest.raises(RuntimeError, match=r"still calls resfuse::bn_act.*training mode.*model\.eval\(\)"):
+        resfuse.export.decompose(ep)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SE / ECA tail in eval: block_tail's one bn_scale_act call, its squeeze and gate in torch ops
+
+
+def test_every_flavour_of_every_op_has_a_decomposition_or_is_training_only():
+    # a flavour missing from resfuse/export/flavours.py would stop the export of a model that calls it
+    assert ops_left_out_of(resfuse.export.decomposition_table()) == []
+
+
+@pytest.fixture(scope="module")
+def exported_tail(tmp_path_factory):
+    """The README's export snippets run on an SE tail with the C++ op (what a CPU model calls): (its eager
+    twin, folder with both packages, the exported program)."""
+    tail = SETail("cuda").eval()
+    folder = tmp_path_factory.mktemp("aoti_tail")
+    return EagerTail(tail), folder, _build_packages(tail, randn(2, 3, 16, 16, seed=1), folder)
+
+
+@pytest.mark.parametrize("package, import_resfuse", [("model.pt2", False), ("model_resfuse.pt2", True)])
+def test_packages_of_an_se_block_tail_serve(exported_tail, package, import_resfuse):
+    eager, folder, ep = exported_tail
+    assert resfuse_op_count(ep.graph) == 1
+    served = serve(readme_snippet(f'aoti_load_package("{package}")'), randn(3, 3, 16, 16, seed=3), folder)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert f"resfuse imported: {import_resfuse}" in served.stdout
+    with torch.no_grad():
+        _check_served(eager, folder)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("bn, gate, residual, relu", [("running", True, True, True), ("plain", False, True, True),
+                                                      ("folded", True, False, False)])
+def test_decomposition_of_bn_scale_act(bn, gate, residual, relu, backend):
+    tail = SETail(backend, bn=bn, gate=gate, residual=residual, relu=relu).eval()
+    x = randn(2, 3, 7, 5, seed=13)
+    module, fused_ops = _decomposed(tail, (x,))
+    assert fused_ops == 1
+    with torch.no_grad():
+        assert rel_err(module(x), tail.eager(x)) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_decomposition_of_bn_scale_act_keeps_the_op_dtypes_and_layout(dtype):
+    # the op computes in float32 (float64 for float64) from statistics and a scale in float32, and writes the
+    # input's dtype and memory format
+    n, c = 2, 6
+    x = randn(n, c, 5, 7, seed=14, dtype=dtype, memory_format=torch.channels_last)
+    residual = randn(n, c, 5, 7, seed=15, dtype=dtype, memory_format=torch.channels_last)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, weight, bias = (randn(c, seed=s, dtype=stats) for s in (16, 17, 18))
+    invstd, scale = randn(c, seed=19, dtype=stats).abs() + 0.2, randn(n, c, seed=20, dtype=stats).sigmoid()
+    module, _ = _decomposed(ScaleAct("cuda"), (x, mean, invstd, weight, bias, scale, residual))
+    out = module(x, mean, invstd, weight, bias, scale, residual)
+    expected = resfuse.ops.bn_scale_act(x, weight, bias, mean, invstd, scale, residual, backend="cuda")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, expected) < (1e-3 if dtype == torch.float16 else 1e-12)  # float16: one rounding each
+
+
+@pytest.mark.parametrize("bn", ["running", "batch"])  # training mode; eval without running statistics
+def test_decompose_refuses_batch_statistics_of_a_block_tail_with_a_clear_error(bn):
+    tail = SETail("cuda", bn=bn).train(bn == "running")
+    ep = torch.export.export(tail, (randn(2, 3, 6, 6, seed=8),))
+    with pytest.raises(RuntimeError, match=r"still calls resfuse::bn_squeeze.*training mode.*model\.eval\(\)"):
         resfuse.export.decompose(ep)
 
 

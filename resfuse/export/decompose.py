@@ -8,9 +8,10 @@ so a C++-only runtime cannot load it). ``decompose(ep)`` rewrites each such call
 exporter translates like any model's.
 
 One function per op, in torch ops; an op's flavours share it (flavours.py).
-``bn_act`` (training-mode BatchNorm) is not among them: it updates the running statistics in place, so the
-exported program calls it through torch's ``auto_functionalized`` wrapper, which ``run_decompositions`` does
-not open. A program that still calls a resfuse op after decomposing is an error that says which and why.
+``bn_act`` and ``bn_squeeze`` (BatchNorm with batch statistics, training ops) are not among them: they update
+the running statistics in place, so the exported program calls them through torch's ``auto_functionalized``
+wrapper, which ``run_decompositions`` does not open. A program that still calls a resfuse op after decomposing
+is an error that says which and why.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..layout import memory_format_of
 from ..ops.fold_bn import storage_order
-from .flavours import by_overload
+from .flavours import TRAINING_ONLY, by_overload
 
 
 def conv_bn_act(input, weight, bias, residual, stride, padding, dilation, groups, relu):
@@ -56,11 +58,38 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
     return stored, shift.to(dtype)
 
 
+def bn_scale_act(input, weight, bias, mean, invstd, scale, residual, relu):
+    """act(((x - mean) * invstd * weight + bias) * scale[n, c] + residual), each None the identity: the op's
+    terms in its order, in float32 (float64 for float64 input), written in the input's dtype and layout."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+
+    def per_channel(v):
+        return v.to(acc).view(1, -1, 1, 1)
+
+    out = input.to(acc)
+    if mean is not None:
+        out = out - per_channel(mean)
+    if invstd is not None:
+        out = out * per_channel(invstd)
+    if weight is not None:
+        out = out * per_channel(weight)
+    if bias is not None:
+        out = out + per_channel(bias)
+    if scale is not None:
+        out = out * scale.to(acc)[:, :, None, None]
+    if residual is not None:
+        out = out + residual.to(acc)
+    if relu:
+        out = torch.relu(out)
+    return out.to(input.dtype).contiguous(memory_format=memory_format_of(input))
+
+
 # resfuse's op -> its decomposition, which its flavours share (flavours.py).
 DECOMPOSITIONS: dict[str, Callable] = {
     "conv_bn_act": conv_bn_act,
     "bn_eval_act": bn_eval_act,
     "_fold_bn": fold_bn,
+    "bn_scale_act": bn_scale_act,
 }
 
 
@@ -89,9 +118,11 @@ def decompose(exported_program: torch.export.ExportedProgram) -> torch.export.Ex
     program = exported_program.run_decompositions(decomposition_table())
     left = sorted(set(resfuse_calls(program.graph_module)))
     if left:
+        training_only = {f"resfuse::{name}" for names in TRAINING_ONLY.values() for name in names}
         raise RuntimeError(
             f"resfuse.export.decompose: the program still calls {', '.join(left)}, which has no decomposition"
-            + (" (BatchNorm with batch statistics, as in training mode: it updates running statistics in place)"
-               if any(name.startswith("resfuse::bn_act") for name in left) else "")
+            + (" (BatchNorm with batch statistics, as in training mode or with track_running_stats=False: it "
+               "updates running statistics in place)"
+               if training_only & set(left) else "")
             + ". Export the model in eval mode (model.eval()), or resfuse.revert(model) before exporting it")
     return program

@@ -11,6 +11,16 @@ FLAVOURS: dict[str, tuple[str, ...]] = {
     "conv_bn_act": ("conv_bn_act", "conv_bn_act_igemm", "conv_bn_act_sm90", "conv_bn_act_triton"),
     "bn_eval_act": ("bn_eval_act", "bn_eval_act_triton"),
     "_fold_bn": ("_fold_bn", "_fold_bn_triton"),
+    "bn_scale_act": ("bn_scale_act", "bn_scale_act_triton"),
+}
+
+# Ops with no function to write: they update the running statistics in place (BatchNorm with batch statistics,
+# a training op), so torch.export calls them through its ``auto_functionalized`` wrapper, which neither torch
+# 2.14's ONNX exporter nor ``run_decompositions`` opens. Serving runs in eval mode, where a converted model
+# whose BatchNorms track running statistics calls neither.
+TRAINING_ONLY: dict[str, tuple[str, ...]] = {
+    "bn_act": ("bn_act", "bn_act_triton"),
+    "bn_squeeze": ("bn_squeeze", "bn_squeeze_triton"),
 }
 
 

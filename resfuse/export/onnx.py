@@ -14,11 +14,16 @@ attributes arrive as the Python values the exported program holds); an op's flav
 - ``_fold_bn``: the fold written out: (W * scale, bn_bias + (conv_bias - running_mean) * scale) with
   scale = bn_weight / sqrt(running_var + eps), computed in float (double for a double conv weight) and cast to
   the op's dtype. Its layout argument names how the kernel stores W' in memory; ONNX tensors have none.
-- ``bn_act`` (BatchNorm with batch statistics: training mode, or ``track_running_stats=False``) has none: it
-  updates the running statistics in place, so torch.export calls it through its ``auto_functionalized``
-  wrapper, and torch 2.14's ONNX exporter fails on that wrapper before it looks up any translation (a
-  KeyError naming ``resfuse.bn_act``). Serving runs in eval mode; eager PyTorch's own export of a model in
-  training mode normalises with the running statistics instead, a different function from the model's.
+- ``bn_scale_act`` (the end of an SE / ECA / drop_path block, resfuse/ops/block_tail.py): elementwise Sub,
+  Mul, Add (BN from the given mean and invstd), Mul by the [N, C] factor unsqueezed to [N, C, 1, 1], Add of the
+  residual, Relu. In eval the gate before it (torch's mean over H, W and the SE / ECA layers) is ordinary torch
+  ops, which the exporter translates itself.
+- ``bn_act`` and ``bn_squeeze`` (BatchNorm with batch statistics: training mode, or
+  ``track_running_stats=False``) have none: they update the running statistics in place, so torch.export calls
+  them through its ``auto_functionalized`` wrapper, and torch 2.14's ONNX exporter fails on that wrapper before
+  it looks up any translation (a KeyError naming ``resfuse.bn_act`` or ``resfuse.bn_squeeze``). Serving runs
+  in eval mode; eager PyTorch's own export of a model in training mode normalises with the running statistics
+  instead, a different function from the model's.
 """
 from __future__ import annotations
 
@@ -75,11 +80,40 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
     return op.Cast(weight, to=dtype), op.Cast(shift, to=dtype)
 
 
+def _per_channel(v, acc):
+    """A [C] vector as [C, 1, 1] in ``acc``, which broadcasts over an [N, C, H, W] activation."""
+    return op.Reshape(op.Cast(v, to=acc), op.Constant(value_ints=[-1, 1, 1]))
+
+
+def bn_scale_act(input, weight, bias, mean, invstd, scale, residual, relu):
+    """act(((x - mean) * invstd * weight + bias) * scale[n, c] + residual), each None the identity: the
+    op's terms in its order, in float (double for double input) and cast to the input's dtype, as the op
+    computes. ``invstd`` is 1 / sqrt(var + eps), not a variance, so BatchNormalization does not take it."""
+    acc = ir.DataType.DOUBLE if input.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+    out = op.Cast(input, to=acc)
+    if mean is not None:
+        out = op.Sub(out, _per_channel(mean, acc))
+    if invstd is not None:
+        out = op.Mul(out, _per_channel(invstd, acc))
+    if weight is not None:
+        out = op.Mul(out, _per_channel(weight, acc))
+    if bias is not None:
+        out = op.Add(out, _per_channel(bias, acc))
+    if scale is not None:  # [N, C] -> [N, C, 1, 1]
+        out = op.Mul(out, op.Unsqueeze(op.Cast(scale, to=acc), op.Constant(value_ints=[2, 3])))
+    if residual is not None:
+        out = op.Add(out, op.Cast(residual, to=acc))
+    if relu:
+        out = op.Relu(out)
+    return op.Cast(out, to=input.dtype)
+
+
 # resfuse's op -> its translation, which its flavours share (flavours.py).
 TRANSLATIONS: dict[str, Callable] = {
     "conv_bn_act": conv_bn_act,
     "bn_eval_act": bn_eval_act,
     "_fold_bn": fold_bn,
+    "bn_scale_act": bn_scale_act,
 }
 
 
