@@ -2,6 +2,7 @@
 separate serving process."""
 from __future__ import annotations
 
+import collections
 import copy
 import pathlib
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,18 +54,32 @@ def resfuse_op_count(graph: torch.fx.Graph) -> int:
                if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "resfuse")
 
 
-def resfuse_ops_run(fn, *args) -> int:
-    """How many resfuse ops ``fn(*args)`` runs (eagerly)."""
-    names = []
+def resfuse_ops_run_by_name(fn, *args) -> collections.Counter:
+    """Which resfuse ops ``fn(*args)`` runs (eagerly), and how often: ``{"bn_scale_act": 8, ...}``."""
+    names = collections.Counter()
 
     class _Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.namespace)
+            if func.namespace == "resfuse":
+                names[func._schema.name.split("::", 1)[1]] += 1
             return func(*args, **(kwargs or {}))
 
     with _Record(), torch.no_grad():
         fn(*args)
-    return names.count("resfuse")
+    return names
+
+
+def skip_until_convert_fuses_se_tails(ops: collections.Counter) -> None:
+    """Skip a converted SE model's test when its forward ran no bn_scale_act (``ops``: resfuse_ops_run_by_name's):
+    timm's SE blocks end in the fused tail only once convert() wires them to it (another change)."""
+    if not any(name.startswith("bn_scale_act") for name in ops):
+        pytest.skip("resfuse.convert() does not end timm's SE blocks in the fused tail (bn_scale_act) in this "
+                    "build; this runs once it does")
+
+
+def resfuse_ops_run(fn, *args) -> int:
+    """How many resfuse ops ``fn(*args)`` runs (eagerly)."""
+    return sum(resfuse_ops_run_by_name(fn, *args).values())
 
 
 def ops_left_out_of(table: dict) -> list[str]:

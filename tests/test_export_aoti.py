@@ -16,7 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 import resfuse.export
 from _helpers import randn, randomize_bn_, rel_err, resfuse
 from _serving import (EagerTail, EvalBNAct, Fold, FoldedConv, ScaleAct, SETail, conv_and_bn, eager_and_converted,
-                      ops_left_out_of, readme_snippet, resfuse_op_count, run_snippet, serve)
+                      ops_left_out_of, readme_snippet, resfuse_op_count, resfuse_ops_run_by_name, run_snippet,
+                      serve, skip_until_convert_fuses_se_tails)
 
 
 TOL = 1e-5  # float32: ||package - eager|| / ||eager||
@@ -223,6 +224,22 @@ def test_decomposition_of_bn_scale_act_keeps_the_op_dtypes_and_layout(dtype):
     expected = resfuse.ops.bn_scale_act(x, weight, bias, mean, invstd, scale, residual, backend="cuda")
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(out, expected) < (1e-3 if dtype == torch.float16 else 1e-12)  # float16: one rounding each
+
+
+def test_decompose_of_a_small_converted_seresnext():
+    # timm's SE blocks converted end in bn_scale_act in eval (one per block), which decompose() writes as ATen
+    # ops. Stage widths cut 4x as in tests/test_timm_resnet.py, 64 px.
+    timm = pytest.importorskip("timm", reason="timm models need timm (the test extra)")
+    eager, converted = eager_and_converted(timm.create_model(
+        "seresnext26d_32x4d", pretrained=False, num_classes=8, channels=(16, 32, 64, 128), stem_width=16))
+    x = randn(2, 3, 64, 64, seed=0)
+    ops = resfuse_ops_run_by_name(converted, x)
+    skip_until_convert_fuses_se_tails(ops)
+    assert ops["bn_scale_act"] == 8, ops  # one per block
+    module, fused_ops = _decomposed(converted, (x,))
+    assert fused_ops == sum(ops.values())
+    with torch.no_grad():
+        assert rel_err(module(x), eager(x)) < TOL
 
 
 @pytest.mark.parametrize("bn", ["running", "batch"])  # training mode; eval without running statistics

@@ -3,7 +3,8 @@
 The README's ONNX snippet is run as written, on whole torchvision models (and timm models, once convert() fuses
 them) at 32 px, and its output compared with the unconverted model's at other batch sizes (the batch dimension
 is dynamic). Each whole-model export takes 10-15 s of CPU here. Small modules cover each branch of each op's
-translation, including ops a converted model calls on some devices or paths only (bn_eval_act, _fold_bn).
+translation, including ops a converted model calls on some devices or paths only (bn_eval_act, _fold_bn), and
+bn_scale_act, the end of an SE / ECA block (tests/_serving.py SETail: a conv, then resfuse.ops.block_tail).
 """
 import warnings
 
@@ -15,7 +16,8 @@ from torch import nn
 import resfuse.export
 from _helpers import randn, randomize_bn_, rel_err, resfuse
 from _serving import (EagerTail, EvalBNAct, Fold, FoldedConv, ScaleAct, SETail, conv_and_bn, eager_and_converted,
-                      ops_left_out_of, readme_snippet, resfuse_op_count, resfuse_ops_run, run_snippet)
+                      ops_left_out_of, readme_snippet, resfuse_op_count, resfuse_ops_run, resfuse_ops_run_by_name,
+                      run_snippet, skip_until_convert_fuses_se_tails)
 
 onnx = pytest.importorskip("onnx", reason="the ONNX route needs onnx (the test extra)")
 ort = pytest.importorskip("onnxruntime", reason="the ONNX route needs onnxruntime (the test extra)")
@@ -33,9 +35,9 @@ def _onnx_ops(model_proto) -> set:
     return {(node.domain, node.op_type) for node in model_proto.graph.node}
 
 
-def _check_readme_onnx(eager, converted, tmp_path, monkeypatch, fused_ops):
+def _check_readme_onnx(eager, converted, tmp_path, monkeypatch, fused_ops, size=32):
     monkeypatch.chdir(tmp_path)
-    x = randn(2, 3, 32, 32, seed=1)
+    x = randn(2, 3, size, size, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress and deprecation notes
         ns = run_snippet(readme_snippet("torch.onnx.export"), model=converted, x=x)
@@ -48,7 +50,7 @@ def _check_readme_onnx(eager, converted, tmp_path, monkeypatch, fused_ops):
     with torch.no_grad():
         assert rel_err(torch.from_numpy(ns["out"]), eager(x)) < TOL
         for batch in (1, 3):
-            xb = randn(batch, 3, 32, 32, seed=batch)
+            xb = randn(batch, 3, size, size, seed=batch)
             (out,) = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
             assert rel_err(torch.from_numpy(out), eager(xb)) < TOL, batch
 
@@ -73,6 +75,20 @@ def test_readme_onnx_snippet_on_timm_models(name, tmp_path, monkeypatch):
         pytest.skip(f"resfuse.convert() leaves timm's {name} unfused in this build (timm's blocks convert in "
                     f"another change): no resfuse op to export; this runs once they convert")
     _check_readme_onnx(eager, converted, tmp_path, monkeypatch, fused_ops)
+
+
+def test_readme_onnx_snippet_on_a_small_converted_seresnext(tmp_path, monkeypatch):
+    # timm's SE blocks converted: in eval each ends in one bn_scale_act (BN's running statistics, the SE gate's
+    # [N, C] factor, the shortcut, ReLU), which the ONNX model holds as standard ops. Stage widths cut 4x as in
+    # tests/test_timm_resnet.py; 64 px, so that the last stage's maps are 2x2 and the squeeze averages 4 values.
+    timm = pytest.importorskip("timm", reason="timm models need timm (the test extra)")
+    eager, converted = eager_and_converted(timm.create_model(
+        "seresnext26d_32x4d", pretrained=False, num_classes=8, channels=(16, 32, 64, 128), stem_width=16))
+    x = randn(1, 3, 64, 64, seed=0)
+    ops = resfuse_ops_run_by_name(converted, x)
+    skip_until_convert_fuses_se_tails(ops)
+    assert sum(n for name, n in ops.items() if name.startswith("bn_scale_act")) == 8, ops  # one per block
+    _check_readme_onnx(eager, converted, tmp_path, monkeypatch, sum(ops.values()), size=64)
 
 
 class _ConvBNAdd(nn.Module):
