@@ -16,8 +16,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 import resfuse.export
 from _helpers import randn, randomize_bn_, rel_err, resfuse
 from _serving import (EagerTail, EvalBNAct, Fold, FoldedConv, ScaleAct, SETail, conv_and_bn, eager_and_converted,
-                      ops_left_out_of, readme_snippet, resfuse_op_count, resfuse_ops_run_by_name, run_snippet,
-                      serve, skip_until_convert_fuses_se_tails)
+                      ops_left_out_of, readme_snippet, resfuse_op_count, run_snippet, serve,
+                      small_converted_seresnext)
 
 
 TOL = 1e-5  # float32: ||package - eager|| / ||eager||
@@ -229,13 +229,8 @@ def test_decomposition_of_bn_scale_act_keeps_the_op_dtypes_and_layout(dtype):
 def test_decompose_of_a_small_converted_seresnext():
     # timm's SE blocks converted end in bn_scale_act in eval (one per block), which decompose() writes as ATen
     # ops. Stage widths cut 4x as in tests/test_timm_resnet.py, 64 px.
-    timm = pytest.importorskip("timm", reason="timm models need timm (the test extra)")
-    eager, converted = eager_and_converted(timm.create_model(
-        "seresnext26d_32x4d", pretrained=False, num_classes=8, channels=(16, 32, 64, 128), stem_width=16))
     x = randn(2, 3, 64, 64, seed=0)
-    ops = resfuse_ops_run_by_name(converted, x)
-    skip_until_convert_fuses_se_tails(ops)
-    assert ops["bn_scale_act"] == 8, ops  # one per block
+    eager, converted, ops = small_converted_seresnext(x)
     module, fused_ops = _decomposed(converted, (x,))
     assert fused_ops == sum(ops.values())
     with torch.no_grad():

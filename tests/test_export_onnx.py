@@ -16,8 +16,8 @@ from torch import nn
 import resfuse.export
 from _helpers import randn, randomize_bn_, rel_err, resfuse
 from _serving import (EagerTail, EvalBNAct, Fold, FoldedConv, ScaleAct, SETail, conv_and_bn, eager_and_converted,
-                      ops_left_out_of, readme_snippet, resfuse_op_count, resfuse_ops_run, resfuse_ops_run_by_name,
-                      run_snippet, skip_until_convert_fuses_se_tails)
+                      ops_left_out_of, readme_snippet, resfuse_op_count, resfuse_ops_run,
+                      run_snippet, small_converted_seresnext)
 
 onnx = pytest.importorskip("onnx", reason="the ONNX route needs onnx (the test extra)")
 ort = pytest.importorskip("onnxruntime", reason="the ONNX route needs onnxruntime (the test extra)")
@@ -81,13 +81,7 @@ def test_readme_onnx_snippet_on_a_small_converted_seresnext(tmp_path, monkeypatc
     # timm's SE blocks converted: in eval each ends in one bn_scale_act (BN's running statistics, the SE gate's
     # [N, C] factor, the shortcut, ReLU), which the ONNX model holds as standard ops. Stage widths cut 4x as in
     # tests/test_timm_resnet.py; 64 px, so that the last stage's maps are 2x2 and the squeeze averages 4 values.
-    timm = pytest.importorskip("timm", reason="timm models need timm (the test extra)")
-    eager, converted = eager_and_converted(timm.create_model(
-        "seresnext26d_32x4d", pretrained=False, num_classes=8, channels=(16, 32, 64, 128), stem_width=16))
-    x = randn(1, 3, 64, 64, seed=0)
-    ops = resfuse_ops_run_by_name(converted, x)
-    skip_until_convert_fuses_se_tails(ops)
-    assert sum(n for name, n in ops.items() if name.startswith("bn_scale_act")) == 8, ops  # one per block
+    eager, converted, ops = small_converted_seresnext(randn(1, 3, 64, 64, seed=0))
     _check_readme_onnx(eager, converted, tmp_path, monkeypatch, sum(ops.values()), size=64)
 
 
