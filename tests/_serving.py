@@ -72,17 +72,12 @@ def resfuse_ops_run_by_name(fn, *args) -> collections.Counter:
 def small_converted_seresnext(x: torch.Tensor) -> tuple[nn.Module, nn.Module, collections.Counter]:
     """timm's seresnext26d_32x4d with its stage widths cut 4x (as tests/test_timm_resnet.py), and a converted
     copy whose forward on ``x`` ends each of its 8 SE blocks in one bn_scale_act: (eager, converted, the resfuse
-    ops that forward runs, by name). Skips, saying why, while convert() does not end timm's SE blocks in the
-    fused tail (another change wires them)."""
+    ops that forward runs, by name)."""
     timm = pytest.importorskip("timm", reason="timm models need timm (the test extra)")
     eager, converted = eager_and_converted(timm.create_model(
         "seresnext26d_32x4d", pretrained=False, num_classes=8, channels=(16, 32, 64, 128), stem_width=16))
     ops = resfuse_ops_run_by_name(converted, x)
-    scale_acts = sum(n for name, n in ops.items() if name.startswith("bn_scale_act"))
-    if scale_acts == 0:
-        pytest.skip("resfuse.convert() does not end timm's SE blocks in the fused tail (bn_scale_act) in this "
-                    "build; this runs once it does")
-    assert scale_acts == 8, ops  # one per block
+    assert sum(n for name, n in ops.items() if name.startswith("bn_scale_act")) == 8, ops  # one per block
     return eager, converted, ops
 
 

@@ -65,9 +65,6 @@ def test_readme_onnx_snippet_on_torchvision_models(name, fused_ops, tmp_path, mo
 
 @pytest.mark.parametrize("name", ["resnet50d", "seresnext26d_32x4d"])
 def test_readme_onnx_snippet_on_timm_models(name, tmp_path, monkeypatch):
-    if name.startswith("se") and "bn_scale_act" not in resfuse.export.onnx.TRANSLATIONS:
-        pytest.skip("the converted SE blocks end in the fused tail's bn_scale_act, which has no ONNX translation "
-                    "in this build (another change adds it); this runs once it has one")
     eager, converted = eager_and_converted(_timm(name)())
     fused_ops = resfuse_ops_run(converted, randn(1, 3, 32, 32, seed=0))
     if fused_ops == 0:
