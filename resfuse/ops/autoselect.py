@@ -19,7 +19,9 @@ counts. Measuring on a GPU synchronises the host, once per configuration, like T
 up before capturing it in a CUDA graph. Capturing a call whose configuration was never measured is an error
 that says so, never a measurement recorded into the graph.
 Nothing is measured, and the fixed rules of ``backend.py`` apply (the C++ kernels on CPU), while torch.compile
-or torch.jit.trace traces and with ``RESFUSE_AUTO_MEASURE=0``; a choice measured before is still taken.
+or torch.jit.trace traces and with ``RESFUSE_AUTO_MEASURE=0``; a choice measured before is still taken,
+except on symbolic sizes (torch.export, dynamic shapes), where the key would specialise the traced batch size
+(``choice_applies``).
 An implementation that raises while measured is not chosen, with one warning naming it and the error.
 
 A configuration is what changes the choice: device, dtype, layout, the channel and spatial sizes, options, and
@@ -103,6 +105,14 @@ def implementations(device: torch.device) -> tuple[str, ...]:
     applies and drops those that cannot run there): on GPUs the ``cuda`` and ``triton`` backends; on CPU the C++
     kernels and ``eager``, eager PyTorch's own ops for the step (eager.py)."""
     return _IMPLEMENTATIONS.get(device.type, ())
+
+
+def choice_applies(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` takes a measured (or remembered) choice: ``x`` on a measurable device with concrete
+    sizes. While torch.export or a dynamic-shape torch.compile traces symbolic sizes, reading the batch bucket of
+    the key would specialise the graph to one batch size (an ONNX model that only takes the traced batch): the
+    fixed rule runs instead."""
+    return device_measurable(x.device) and all(type(size) is int for size in x.shape)
 
 
 def cached(key: tuple) -> Optional[str]:

@@ -160,7 +160,7 @@ _OPS = {"cuda": ("bn_act", "_bn_act_backward"), "triton": ("bn_act_triton", "_bn
 def _auto_choice(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu) -> Optional[str]:
     """``auto``'s measured backend for this configuration (autoselect.py), or None: not measured here. Each
     candidate is timed forward + backward, on copies of the running statistics."""
-    if not autoselect.device_measurable(x.device):
+    if not autoselect.choice_applies(x):
         return None
     key = ("bn_act", x.device, x.dtype, memory_format_of(x), autoselect.batch_bucket(x.shape[0]),
            tuple(x.shape[1:]), None if weight is None else weight.dtype, bias is not None, residual is not None,

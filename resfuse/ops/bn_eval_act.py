@@ -138,7 +138,7 @@ def _run(x, weight, bias, residual, running_mean, running_var, eps, relu, impl) 
 def _auto_choice(x, weight, bias, residual, running_mean, running_var, eps, relu) -> Optional[str]:
     """``auto``'s measured implementation for this configuration (autoselect.py), or None: not measured here.
     Each candidate's forward is timed; the running statistics are only read."""
-    if not autoselect.device_measurable(x.device):
+    if not autoselect.choice_applies(x):
         return None
     key = ("bn_eval_act", x.device, x.dtype, memory_format_of(x), autoselect.batch_bucket(x.shape[0]),
            tuple(x.shape[1:]), None if weight is None else weight.dtype, bias is not None, residual is not None,

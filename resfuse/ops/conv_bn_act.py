@@ -159,7 +159,7 @@ def _auto_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
     Every candidate is timed on the arguments as given: resfuse's modules fold the weight in the input's layout
     for ``auto``, which the Triton conv repacks on each call, and that copy is part of its measured time, as it
     is of its later calls."""
-    if not autoselect.device_measurable(x.device):
+    if not autoselect.choice_applies(x):
         return None
     grad = grad_needed(x, weight, bias, residual)
     key = ("conv_bn_act", x.device, x.dtype, memory_format_of(x), autoselect.batch_bucket(x.shape[0]),
