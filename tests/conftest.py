@@ -56,33 +56,31 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def scripted_auto_timer(monkeypatch):
-    """``auto`` measuring on, with its timer replaced: each measurement runs the candidate once (so each must
-    work) and returns ``ms[name]``. Yields (ms, names measured in order); every choice is forgotten around it."""
+    """``auto`` measuring on, with its timer replaced: each measurement runs every candidate once (so each must
+    work, or is recorded failed as autoselect records it) and returns ``ms[name]``. Yields (ms, names measured in
+    order); every choice is forgotten around it."""
+    import torch
+
     from resfuse.ops import autoselect
 
     autoselect.clear_auto_choices()
     ms: dict = {}
     runs: list = []
-    current: dict = {}
-    real_choose = autoselect.choose
 
-    def choose(key, candidates, device):  # remembers the candidates' names, which the timer only gets as calls
-        current.clear()
-        current.update(candidates)
-        return real_choose(key, candidates, device)
-
-    def fake_measure(call, device):
-        import torch
-
-        name = next(n for n, c in current.items() if c is call)
-        runs.append(name)
-        with torch.no_grad():
-            call()
-        return ms[name]
+    def fake_measure_all(candidates, device):
+        timings = {}
+        for name, call in candidates.items():
+            runs.append(name)
+            try:
+                with torch.no_grad():
+                    call()
+                timings[name] = ms[name]  # a name the test did not script fails like a raising candidate
+            except Exception as exc:
+                timings[name] = autoselect.failure(exc)
+        return timings
 
     monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
-    monkeypatch.setattr(autoselect, "_measure", fake_measure)
-    monkeypatch.setattr(autoselect, "choose", choose)
+    monkeypatch.setattr(autoselect, "_measure_all", fake_measure_all)
     monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
     yield ms, runs
     autoselect.clear_auto_choices()

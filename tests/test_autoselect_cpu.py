@@ -211,13 +211,47 @@ def test_real_timer_measures_both_on_cpu(monkeypatch):
     autoselect.clear_auto_choices()
 
 
-def test_cpu_timer_is_the_median_of_repeats_after_one_untimed_call(monkeypatch):
+def test_cpu_timer_warms_every_candidate_then_interleaves_the_repeats(monkeypatch):
+    """A machine that is slow for its first calls (threads waking, memory first touched) slows whichever
+    candidate runs first; measured one after the other, that one lost: the 10x cold first measurement that
+    chose eager's BN over a kernel twice its speed. Warmed all, then interleaved, the truly faster one wins,
+    and each time is the median of its REPEATS."""
     now = [0.0]  # seconds on a scripted wall clock that only the calls advance
-    durations_ms = iter([100.0, 1.0, 2.0, 50.0, 60.0, 3.0])  # the untimed call first, then REPEATS timed ones
+    order = []
+    steady_ms = {"fast": 1.0, "slow": 2.0}
 
-    def call():
-        now[0] += next(durations_ms) / 1e3
+    def candidate(name):
+        def call():
+            order.append(name)
+            now[0] += (10.0 if len(order) <= 6 else steady_ms[name]) / 1e3  # the first 6 calls are cold
+        return call
 
     monkeypatch.setattr(autoselect.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(autoselect, "REPEATS", 5)
-    assert autoselect._measure(call, torch.device("cpu")) == pytest.approx(3.0)
+    monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
+    autoselect.clear_auto_choices()
+    key = ("op", "cold start")
+    chosen = autoselect.choose(key, {"fast": candidate("fast"), "slow": candidate("slow")}, torch.device("cpu"))
+    assert order == ["fast", "slow"] + ["fast", "slow"] * 5
+    (entry,) = [e for e in ops.auto_choices() if e["config"] == key[1:]]
+    assert entry["ms"] == pytest.approx({"fast": 1.0, "slow": 2.0}) and chosen == "fast"
+    autoselect.clear_auto_choices()
+
+
+def test_a_cpu_candidate_that_raises_while_timed_is_not_chosen(monkeypatch):
+    calls = {"flaky": 0}
+
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] > 1:  # its untimed call works, a timed one raises
+            raise RuntimeError("out of scratch space")
+
+    monkeypatch.setattr(autoselect, "device_measurable", lambda device: True)
+    monkeypatch.delenv("RESFUSE_AUTO_MEASURE", raising=False)
+    autoselect.clear_auto_choices()
+    with pytest.warns(UserWarning, match="flaky .* failed"):
+        assert autoselect.choose(("op", "flaky"), {"flaky": flaky, "ok": lambda: None}, torch.device("cpu")) == "ok"
+    (entry,) = ops.auto_choices()
+    assert entry["ms"]["flaky"].startswith("RuntimeError: out of scratch space")
+    autoselect.clear_auto_choices()

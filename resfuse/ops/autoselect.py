@@ -14,8 +14,9 @@ without measuring. The implementations (``implementations``):
   nothing); the eval ops forward.
 
 Each one is called once untimed (Triton's compilation and autotuning, cuDNN's algorithm search), then
-``REPEATS`` times, each between CUDA events on a GPU or two ``time.perf_counter`` reads on CPU; the median
-counts. Measuring on a GPU synchronises the host, once per configuration, like Triton's autotuner: warm a model
+``REPEATS`` times, each between CUDA events on a GPU or two ``time.perf_counter`` reads on CPU (where every
+candidate is warmed before any is timed and the repetitions interleave, so a cold start or a drift of the
+machine's speed is not charged to one of them); the median counts. Measuring on a GPU synchronises the host, once per configuration, like Triton's autotuner: warm a model
 up before capturing it in a CUDA graph. Capturing a call whose configuration was never measured is an error
 that says so, never a measurement recorded into the graph.
 Nothing is measured, and the fixed rules of ``backend.py`` apply (the C++ kernels on CPU), while torch.compile
@@ -136,16 +137,11 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Any]], device: torch.d
         if not candidates or not measuring_enabled(device):
             return None
         check_not_capturing(device, f"{key[0]} {key[1:]}")
-        timings: dict[str, Any] = {}
-        for name, call in candidates.items():
-            try:
-                timings[name] = _measure(call, device)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:  # e.g. a configuration cuDNN refuses, a kernel's unsupported case
-                timings[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        timings = _measure_all(candidates, device)
+        for name, ms in timings.items():
+            if not isinstance(ms, float):
                 warn_once(f"resfuse: backend 'auto' measured {name} for {key[0]} and it failed "
-                          f"({timings[name]}); it is not chosen for such configurations", stacklevel=4)
+                          f"({ms}); it is not chosen for such configurations", stacklevel=4)
         measured = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
         _timings[key] = timings
         best = min(measured, key=measured.get) if measured else ""
@@ -153,26 +149,70 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Any]], device: torch.d
         return best
 
 
-def _measure(call: Callable[[], Any], device: torch.device) -> float:
-    """Median ms of ``call`` after one untimed call: each repetition between CUDA events on a GPU, between two
-    wall-clock reads on CPU (its kernels finish before they return)."""
+def failure(exc: Exception) -> str:
+    """How a candidate that raised while measured is recorded: the error's type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _measure_all(candidates: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, Any]:
+    """Median ms per candidate, or the error it raised (``failure``; e.g. a configuration cuDNN refuses, a
+    kernel's unsupported case), in the candidates' order."""
+    timings: dict[str, Any] = {}
     with torch.no_grad():
-        call()
-        if device.type != "cuda":
-            times = []
-            for _ in range(REPEATS):
-                start = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(REPEATS)]
-        for start, end in events:
-            start.record()
+        if device.type == "cuda":
+            for name, call in candidates.items():
+                try:
+                    timings[name] = _measure_on_gpu(call, device)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    timings[name] = failure(exc)
+            return timings
+        samples = _interleaved_samples(candidates, timings)
+    for name in candidates:
+        if name in samples:
+            timings[name] = statistics.median(samples[name])
+    return {name: timings[name] for name in candidates}
+
+
+def _interleaved_samples(candidates: dict[str, Callable[[], Any]], failures: dict[str, Any]) -> dict[str, list]:
+    """Wall-clock ms of CPU candidates (their kernels finish before they return): each is called once untimed
+    before any is timed, then ``REPEATS`` rounds time one call of each. A process's first calls (threads waking,
+    memory first touched) and any drift of the machine's speed fall on every candidate alike; timing one
+    candidate's repetitions before the next's charged them to the first (a 10x cold first measurement chose
+    eager's BN over a kernel twice its speed). Candidates that raise go to ``failures``."""
+    live: dict[str, Callable[[], Any]] = {}
+    for name, call in candidates.items():
+        try:
             call()
-            end.record()
-        torch.cuda.synchronize(device)
+            live[name] = call
+        except Exception as exc:
+            failures[name] = failure(exc)
+    samples: dict[str, list] = {name: [] for name in live}
+    for _ in range(REPEATS):
+        for name, call in list(live.items()):
+            start = time.perf_counter()
+            try:
+                call()
+            except Exception as exc:
+                failures[name] = failure(exc)
+                del live[name], samples[name]
+                continue
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def _measure_on_gpu(call: Callable[[], Any], device: torch.device) -> float:
+    """Median ms of ``call`` after one untimed call, each repetition between CUDA events."""
+    call()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(REPEATS)]
+    for start, end in events:
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize(device)
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
