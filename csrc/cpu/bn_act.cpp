@@ -319,30 +319,13 @@ at::Tensor bn_act_apply_cpu(const at::Tensor& input, const at::Tensor& mean, con
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, bool relu) {
   check_bn_act_apply_args(input, mean, invstd, weight, bias, residual);
-  const auto format = input.suggest_memory_format();
-  const at::Tensor x = input.contiguous(format);
-  const ChannelView v = channel_view(x, format);
-  const int64_t C = v.channels;
-  at::Tensor out = empty_activation(input.sizes(), input, format);
-  if (x.numel() == 0) {
-    return out;
-  }
-  const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
-  const std::vector<double> m = to_doubles(mean);
+  const int64_t C = input.size(1);
   const std::vector<double> is = to_doubles(invstd);
-  const std::vector<double> w = to_doubles_or(weight, C, 1.0);
-  const std::vector<double> b = to_doubles_or(bias, C, 0.0);
-  std::vector<double> scale(C);
+  std::vector<double> scale = to_doubles_or(weight, C, 1.0);
   for (int64_t c = 0; c < C; ++c) {
-    scale[c] = w[c] * is[c];
+    scale[c] *= is[c];
   }
-  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_act_apply_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    affine_act<scalar_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), cast_vector<opmath_t>(m),
-                         cast_vector<opmath_t>(scale), cast_vector<opmath_t>(b),
-                         res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu);
-  });
-  return out;
+  return affine_act_pass(input, to_doubles(mean), scale, to_doubles_or(bias, C, 0.0), residual, relu);
 }
 
 at::Tensor bn_act_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,

@@ -32,31 +32,13 @@ at::Tensor bn_eval_act_cpu(const at::Tensor& input, const std::optional<at::Tens
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                            const at::Tensor& running_mean, const at::Tensor& running_var, double eps, bool relu) {
   check_bn_eval_act_args(input, weight, bias, residual, running_mean, running_var);
-  const auto format = input.suggest_memory_format();
-  const at::Tensor x = input.contiguous(format);
-  const ChannelView v = channel_view(x, format);
-  const int64_t C = v.channels;
-  at::Tensor out = empty_activation(input.sizes(), input, format);
-  if (x.numel() == 0) {
-    return out;
-  }
-  const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
-
-  const std::vector<double> mean = to_doubles(running_mean);
+  const int64_t C = input.size(1);
   std::vector<double> scale = eval_invstd(running_var, eps);
   const std::vector<double> w = to_doubles_or(weight, C, 1.0);
   for (int64_t c = 0; c < C; ++c) {
     scale[c] *= w[c];
   }
-  const std::vector<double> shift = to_doubles_or(bias, C, 0.0);
-
-  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_bn_eval_act_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    affine_act<scalar_t>(v, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), cast_vector<opmath_t>(mean),
-                         cast_vector<opmath_t>(scale), cast_vector<opmath_t>(shift),
-                         res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu);
-  });
-  return out;
+  return affine_act_pass(input, to_doubles(running_mean), scale, to_doubles_or(bias, C, 0.0), residual, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_act_backward_cpu(

@@ -298,4 +298,26 @@ inline void update_running(at::Tensor& running, const std::vector<double>& stat,
   }
 }
 
+// A new activation, out = act((input - center[c])*scale[c] + shift[c] + residual), in input's suggested layout,
+// the per-channel vectors in double: the one pass of bn_act's apply (batch statistics) and of bn_eval_act
+// (running statistics).
+inline at::Tensor affine_act_pass(const at::Tensor& input, const std::vector<double>& center,
+                                  const std::vector<double>& scale, const std::vector<double>& shift,
+                                  const std::optional<at::Tensor>& residual, bool relu) {
+  const auto format = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(format);
+  at::Tensor out = empty_activation(input.sizes(), input, format);
+  if (x.numel() == 0) {
+    return out;
+  }
+  const at::Tensor res = present(residual) ? residual->contiguous(format) : at::Tensor();
+  RESFUSE_DISPATCH_FLOATING(x.scalar_type(), "resfuse_affine_act_pass_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    affine_act<scalar_t>(channel_view(x, format), x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                         cast_vector<opmath_t>(center), cast_vector<opmath_t>(scale), cast_vector<opmath_t>(shift),
+                         res.defined() ? res.data_ptr<scalar_t>() : nullptr, relu);
+  });
+  return out;
+}
+
 }  // namespace resfuse::cpu

@@ -41,6 +41,12 @@ from .fold import fold_bn_differentiable, gemm_layout
 
 Route = tuple[str, str]  # (requested backend, resolved backend), from resolve_route
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself carries a forward, forward-pre, backward or backward-pre hook."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def warn_module_path_once(owner: nn.Module, reason: str) -> None:
     warn_once(f"resfuse: {type(owner).__name__} runs its modules unfused ({reason}); this is eager PyTorch's "
               f"speed, with eager PyTorch's numbers")

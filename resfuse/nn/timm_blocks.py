@@ -48,6 +48,7 @@ from .routing import (
     fused_bn_act,
     fused_conv_act,
     fused_conv_bn_act,
+    has_hooks,
     hook_reason,
     modules_reason,
     norm_reason,
@@ -59,15 +60,11 @@ from .routing import (
     warn_module_path_once,
     warn_once,
 )
-from .timm_tail import (attention_reason, drop_path_reason, fused_tail, preact_drop_path_tail, preact_tail_reason,
-                        tail_reason)
+from .timm_tail import (attention_reason, drop_path_reason, fused_tail, is_timm_class, preact_drop_path_tail,
+                        preact_tail_reason, tail_reason)
 
 BACKEND_ATTR = "_resfuse_backend"
 Named = tuple[tuple[str, nn.Module], ...]
-
-
-def is_timm_class(cls: type, module: str, name: str) -> bool:
-    return cls.__name__ == name and cls.__module__ == module
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,17 +105,12 @@ def norm_act_relu(norm: nn.Module) -> bool:
     return type(norm.act) is nn.ReLU
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def passes_through(module: Optional[nn.Module]) -> bool:
     """Whether calling ``module`` now returns its input untouched and runs nothing else: None, nn.Identity, or
     timm's DropPath / DropBlock2d in eval mode or at rate 0 (both return their input then), without hooks."""
     if module is None:
         return True
-    if _has_hooks(module):
+    if has_hooks(module):
         return False
     cls = type(module)
     if cls is nn.Identity:
@@ -270,7 +262,7 @@ def _shortcut(block: nn.Module, x: Tensor, route: Route) -> Tensor:
                   f"(downsample {cls.__name__} is not a [pool,] conv, norm sequence)")
         return down(x)
     reason = None
-    if _has_hooks(down):
+    if has_hooks(down):
         reason = "a hook on downsample"
     elif is_batch_norm_act(norm):
         reason = modules_reason((("downsample conv", conv),), ()) or norm_act_reason(norm, "downsample norm")

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.block_tail import Gate, block_tail, drop_path_mask
-from .routing import Route, batch_stats_args, sync_group, uses_batch_stats
+from .routing import Route, batch_stats_args, has_hooks, sync_group, uses_batch_stats
 
 # (module, class) of the attention layers whose gate is written here
 _SE = ("timm.layers.squeeze_excite", "SEModule")
@@ -53,14 +53,13 @@ _CECA = ("timm.layers.eca", "CecaModule")
 _DROP_PATH = ("timm.layers.drop", "DropPath")
 
 
+def is_timm_class(cls: type, module: str, name: str) -> bool:
+    """``cls`` is timm's ``module.name`` itself (not a subclass; timm need not be importable to ask)."""
+    return cls.__name__ == name and cls.__module__ == module
+
+
 def _is(module: nn.Module, source: tuple[str, str]) -> bool:
-    cls = type(module)
-    return cls.__module__ == source[0] and cls.__name__ == source[1]
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return is_timm_class(type(module), *source)
 
 
 def attention_reason(se: Optional[nn.Module], hooks: bool = True) -> Optional[str]:
@@ -72,7 +71,7 @@ def attention_reason(se: Optional[nn.Module], hooks: bool = True) -> Optional[st
         return f"attention {type(se).__name__}"
     if _is(se, _SE) and se.add_maxpool:
         return "attention SEModule with add_maxpool"
-    if hooks and _hooked(se):
+    if hooks and has_hooks(se):
         return "a hook on se"
     if hooks and "forward" in se.__dict__:
         return "se has a forward of its own"
@@ -85,7 +84,7 @@ def drop_path_reason(drop_path: Optional[nn.Module], hooks: bool = True) -> Opti
         return None
     if type(drop_path) is not nn.Identity and not _is(drop_path, _DROP_PATH):
         return f"drop_path {type(drop_path).__name__}"
-    if hooks and _hooked(drop_path):
+    if hooks and has_hooks(drop_path):
         return "a hook on drop_path"
     return None
 
